@@ -1,0 +1,47 @@
+# cloudsql-binder — everything a newcomer needs: `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+export KUBECONFIG := $(CURDIR)/.cluster/kubeconfig
+
+.PHONY: build test lint unit integration e2e crds cluster-up cluster-down demo demo-down chart-lint bench clean controlplane
+
+build:
+	$(CARGO) build --release --bin cloudsql-binder
+
+## The test command (README and .ci/run): formatting, lints, unit and integration tests.
+test: lint
+	$(CARGO) test --all-targets -- --test-threads=4
+	$(MAKE) e2e
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## Regenerate crds/ from the Rust types (a test fails when it is stale).
+crds:
+	@mkdir -p crds
+	$(CARGO) run --quiet --bin cloudsql-binder -- crd > crds/cloudsql.dev_crds.yaml
+
+## Build the pinned control plane (etcd, kube-apiserver, kube-controller-manager, helm) into the cache.
+controlplane:
+	bash tools/build-controlplane.sh
+
+cluster-up:
+	@bash tools/cluster-up.sh
+
+cluster-down:
+	@bash tools/cluster-down.sh
+
+## The data path: app -> Unix socket -> real Cloud SQL Auth Proxy -> TLS -> PostgreSQL.
+e2e:
+	$(CARGO) build --bin cloudsql-binder
+	CLOUDSQL_BINDER_BIN=$(CURDIR)/target/debug/cloudsql-binder bash e2e/datapath/run.sh
+
+demo:
+	@bash tools/demo.sh
+
+demo-down:
+	@bash tools/demo.sh down
+
+clean: cluster-down
+	$(CARGO) clean

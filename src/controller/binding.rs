@@ -1,0 +1,481 @@
+//! The binding reconciler: dereference (instance, selected workloads) →
+//! validate (eligibility) → plan (one injection per workload, every binding on
+//! it together) → apply (server-side apply of only our fields, when they
+//! differ) → status (conditions, pool arithmetic, per-workload entries).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, info, instrument};
+
+use super::subset;
+use super::world::{Eligibility, Outcome, WorkloadId, binding_key};
+use crate::plan::INJECTED_ANNOTATION;
+use super::{Context, Error};
+use crate::api::{
+    BoundInstance, CloudSqlBinding, CloudSqlBindingStatus, FIELD_MANAGER, PoolStatus, WorkloadKind, WorkloadStatus,
+    condition, condition_type, conditions_equivalent,
+};
+use crate::budget::CapacityResolution;
+
+/// The finalizer that lets a deleted binding take its injection out first.
+pub const FINALIZER: &str = "cloudsql.dev/cleanup";
+
+/// How many workloads of one binding are applied at once.
+const WORKLOAD_CONCURRENCY: usize = 16;
+
+#[instrument(skip_all, fields(namespace = %binding.namespace().unwrap_or_default(), binding = %binding.name_any()))]
+pub async fn reconcile(binding: Arc<CloudSqlBinding>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = binding.namespace().unwrap_or_default();
+    if !ctx.watches_namespace(&ns) {
+        return Ok(Action::await_change());
+    }
+    // Eligibility and grants read the instances: wait for their cache.
+    let _ = ctx.stores.instances.wait_until_ready().await;
+    let _timer = ctx.metrics.reconcile_timer("binding");
+    let api: Api<CloudSqlBinding> = Api::namespaced(ctx.client.clone(), &ns);
+    let adds_finalizer =
+        binding.metadata.deletion_timestamp.is_none() && !binding.finalizers().iter().any(|f| f == FINALIZER);
+    let removes_finalizer =
+        binding.metadata.deletion_timestamp.is_some() && binding.finalizers().iter().any(|f| f == FINALIZER);
+    let result = finalizer(&api, FINALIZER, binding, |event| async {
+        match event {
+            Finalizer::Apply(b) => apply(b, &ctx).await,
+            Finalizer::Cleanup(b) => cleanup(b, &ctx).await,
+        }
+    })
+    .await;
+    if adds_finalizer || (removes_finalizer && result.is_ok()) {
+        ctx.metrics.write("binding", "finalizer");
+    }
+    result.map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer {
+            object: "CloudSqlBinding".into(),
+            message: other.to_string(),
+        },
+    })
+}
+
+pub fn error_policy(binding: Arc<CloudSqlBinding>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .errors
+        .get_or_create(&crate::telemetry::ControllerLabel {
+            controller: "binding".into(),
+        })
+        .inc();
+    debug!(binding = %binding_key(&binding), error = %err, "reconcile failed; retrying");
+    super::retry_after(err)
+}
+
+/// What happened to one workload for this binding.
+struct WorkloadResult {
+    id: WorkloadId,
+    selected: bool,
+    status: WorkloadStatus,
+}
+
+/// The workloads to look at: those selected now, and those listed in status
+/// (which may need their injection taken out).
+fn workloads_to_sync(binding: &CloudSqlBinding, ctx: &Context) -> (BTreeSet<WorkloadId>, BTreeSet<WorkloadId>) {
+    let ns = binding.namespace().unwrap_or_default();
+    let selected: BTreeSet<WorkloadId> = ctx.stores.selected(binding).into_iter().collect();
+    let mut all = selected.clone();
+    for w in binding.status.iter().flat_map(|s| s.workloads.iter()) {
+        if let Some(kind) = WorkloadKind::ALL.into_iter().find(|k| k.as_str() == w.kind) {
+            all.insert(WorkloadId {
+                kind,
+                namespace: ns.clone(),
+                name: w.name.clone(),
+            });
+        }
+    }
+    (selected, all)
+}
+
+fn api_resource(kind: WorkloadKind) -> ApiResource {
+    let (group, version) = match kind.api_version().split_once('/') {
+        Some((g, v)) => (g, v),
+        None => ("", kind.api_version()),
+    };
+    ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind.object_kind()))
+}
+
+fn object_reference(id: &WorkloadId) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(id.kind.api_version().to_string()),
+        kind: Some(id.kind.object_kind().to_string()),
+        name: Some(id.name.clone()),
+        namespace: Some(id.namespace.clone()),
+        ..Default::default()
+    }
+}
+
+/// Brings one workload's template to what every binding on it wants, and
+/// reports what that means for `key` (the binding being reconciled).
+async fn sync_workload(id: WorkloadId, key: &str, exclude: Option<&str>, ctx: &Context) -> Result<WorkloadStatus, Error> {
+    let mut status = WorkloadStatus {
+        kind: id.kind.as_str().to_string(),
+        name: id.name.clone(),
+        ..Default::default()
+    };
+    if !id.kind.has_mutable_template() {
+        status.reason = Some("NeedsAdmission".into());
+        status.message = Some(format!(
+            "a {}'s pod template cannot be changed after creation; it needs the admission webhook",
+            id.kind
+        ));
+        return Ok(status);
+    }
+    let computed = ctx.stores.with_template(&id, |meta, template, current| {
+        let desire = ctx.stores.desire(&id, meta.labels.as_ref(), template, ctx.caps, exclude);
+        let mut spec = template.spec.clone();
+        let mut annotations = template.annotations.cloned();
+        let applied = desire.injection.apply_for(id.kind, &mut spec, &mut annotations);
+        let hash = annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::api::CONFIG_HASH_ANNOTATION).cloned());
+        let partial = desire.injection.ssa_partial(
+            id.kind,
+            &id.name,
+            &id.namespace,
+            template.spec,
+            &template.annotations.cloned().unwrap_or_default(),
+        );
+        // Unchanged when what we would apply is already there (server
+        // defaults aside) and our record of what we own is the same.
+        let record = |a: Option<&BTreeMap<String, String>>| a.and_then(|a| a.get(INJECTED_ANNOTATION).cloned());
+        let unchanged = applied.is_ok()
+            && record(annotations.as_ref()) == record(template.annotations)
+            && partial.as_ref().is_ok_and(|p| subset::contains(&current, p));
+        let had_injection = desire_is_empty_removal(template.annotations);
+        (desire, (!unchanged).then_some(partial), hash, had_injection)
+    });
+    let Some((desire, partial, hash, had_injection)) = computed else {
+        status.reason = Some("NotFound".into());
+        status.message = Some(format!("{id} does not exist"));
+        return Ok(status);
+    };
+    if let Some(partial) = partial {
+        let partial = partial.map_err(|conflicts| Error::CleanupPending(format!(
+            "{id}: {}",
+            conflicts.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        )))?;
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), &id.namespace, &api_resource(id.kind));
+        api.patch(&id.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&partial))
+            .await
+            .map_err(|source| Error::Kube {
+                action: format!("applying the injection to {id}"),
+                source,
+            })?;
+        ctx.metrics.write("binding", "apply");
+        let (reason, note) = if desire.injection.is_empty() {
+            ("Cleaned", "removed the Cloud SQL injection".to_string())
+        } else {
+            (
+                "Injected",
+                format!(
+                    "injected Cloud SQL for {} (config hash {})",
+                    desire
+                        .injection
+                        .plans()
+                        .iter()
+                        .map(|p| p.binding().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    desire.injection.config_hash()
+                ),
+            )
+        };
+        if !(desire.injection.is_empty() && !had_injection) {
+            publish(ctx, &object_reference(&id), EventType::Normal, reason, note).await;
+        }
+        info!(workload = %id, reason, "applied");
+    }
+    match desire.outcomes.get(key) {
+        Some(Outcome::Injected) => {
+            status.injected = true;
+            status.config_hash = hash;
+        }
+        Some(Outcome::Conflict(message)) => {
+            status.reason = Some("Conflict".into());
+            status.message = Some(message.clone());
+        }
+        Some(Outcome::PlanFailed(message)) => {
+            status.reason = Some("PlanFailed".into());
+            status.message = Some(message.clone());
+        }
+        None => {}
+    }
+    Ok(status)
+}
+
+fn desire_is_empty_removal(annotations: Option<&BTreeMap<String, String>>) -> bool {
+    annotations.is_some_and(|a| a.contains_key(crate::api::CONFIG_HASH_ANNOTATION))
+}
+
+async fn publish(ctx: &Context, reference: &ObjectReference, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: reason.into(),
+        secondary: None,
+    };
+    if ctx.recorder.publish(&event, reference).await.is_ok() {
+        ctx.metrics.write("binding", "event");
+    }
+}
+
+async fn sync_all(binding: &CloudSqlBinding, exclude: Option<&str>, ctx: &Context) -> Result<Vec<WorkloadResult>, Error> {
+    let key = binding_key(binding);
+    let (selected, all) = workloads_to_sync(binding, ctx);
+    let results: Vec<Result<WorkloadResult, Error>> = futures::stream::iter(all)
+        .map(|id| {
+            let key = key.clone();
+            let selected = selected.contains(&id);
+            async move {
+                let status = sync_workload(id.clone(), &key, exclude, ctx).await?;
+                Ok(WorkloadResult { id, selected, status })
+            }
+        })
+        .buffer_unordered(WORKLOAD_CONCURRENCY)
+        .collect()
+        .await;
+    let mut out = Vec::with_capacity(results.len());
+    for r in results {
+        out.push(r?);
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, Error> {
+    let key = binding_key(&binding);
+    let ns = binding.namespace().unwrap_or_default();
+    let generation = binding.metadata.generation;
+    let now = Timestamp::now();
+    let previous = binding.status.clone().unwrap_or_default();
+    let prev_conditions = &previous.conditions;
+
+    let results = sync_all(&binding, None, ctx).await?;
+    let mut workloads: Vec<WorkloadStatus> = Vec::new();
+    for r in &results {
+        let mut status = r.status.clone();
+        if r.selected {
+            if let Some(m) = ctx.stores.max_pods(&r.id) {
+                status.max_pods = Some(i64::from(m.count));
+            }
+            workloads.push(status);
+        }
+    }
+    let injected = workloads.iter().filter(|w| w.injected).count();
+    let matched = workloads.len();
+
+    let mut status = CloudSqlBindingStatus {
+        observed_generation: generation,
+        workloads_summary: Some(format!("{injected}/{matched}")),
+        ..Default::default()
+    };
+    let mut conditions = Vec::new();
+    let mut events: Vec<(EventType, &str, String)> = Vec::new();
+    let instance_name = binding.spec.instance_ref.name.clone();
+
+    match ctx.stores.eligibility(&binding) {
+        Eligibility::InstanceMissing => {
+            let message = format!(
+                "CloudSqlInstance {instance_name:?} does not exist; workloads are left as they are until it does"
+            );
+            status.instance = previous.instance.clone();
+            status.pool = previous.pool.clone();
+            conditions.push(condition(prev_conditions, condition_type::READY, false, "InstanceNotFound", &message, generation, now));
+            conditions.push(condition(prev_conditions, condition_type::INSTANCE_RESOLVED, false, "InstanceNotFound", &message, generation, now));
+            events.push((EventType::Warning, "InstanceNotFound", message));
+        }
+        Eligibility::NamespaceNotAllowed(_) => {
+            let message = format!(
+                "CloudSqlInstance {instance_name:?} does not allow bindings from namespace {ns:?} (spec.allowedNamespaces); nothing is injected"
+            );
+            conditions.push(condition(prev_conditions, condition_type::READY, false, "NamespaceNotAllowed", &message, generation, now));
+            conditions.push(condition(prev_conditions, condition_type::INSTANCE_RESOLVED, false, "NamespaceNotAllowed", &message, generation, now));
+            events.push((EventType::Warning, "NamespaceNotAllowed", message));
+        }
+        Eligibility::Deleting => return Ok(Action::await_change()),
+        Eligibility::Eligible(instance) => {
+            status.instance = Some(BoundInstance {
+                connection_name: instance.spec.connection_name.clone(),
+                database_version: instance
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.database_version.clone())
+                    .or_else(|| instance.spec.database_version.clone()),
+            });
+            conditions.push(condition(
+                prev_conditions,
+                condition_type::INSTANCE_RESOLVED,
+                true,
+                "Resolved",
+                format!("bound to {} ({})", instance_name, instance.spec.connection_name),
+                generation,
+                now,
+            ));
+
+            // Pool arithmetic.
+            let capacity = ctx.stores.capacity(&instance, ctx.stores.discovered(&instance));
+            let budget = ctx.stores.budget(&instance, &capacity);
+            let grant = ctx.stores.grant(&binding, &instance).per_pod;
+            let max_pods = budget.max_pods.get(&key).copied().unwrap_or(0);
+            let requested = i64::from(binding.spec.pool.max_per_pod);
+            status.pool = Some(PoolStatus {
+                requested_per_pod: requested,
+                granted_per_pod: i64::from(grant),
+                max_pods: i64::from(max_pods),
+                connections: i64::from(grant) * i64::from(max_pods),
+                summary: format!("{grant}/{requested}"),
+            });
+            let budget_condition = match (&capacity, &budget.allocation) {
+                (Ok(CapacityResolution::Known(c)), Some(a)) if a.fits => {
+                    let connections = u64::from(grant) * u64::from(max_pods);
+                    let reason = if i64::from(grant) >= requested { "Fits" } else { "Shared" };
+                    let message = format!(
+                        "{grant} connections per pod x {max_pods} pods = {connections}; {instance_name}: {} of {} usable allocated",
+                        a.allocated,
+                        c.usable()
+                    );
+                    condition(prev_conditions, condition_type::BUDGET_FITS, true, reason, message, generation, now)
+                }
+                (Ok(CapacityResolution::Known(c)), Some(a)) => {
+                    let message = format!(
+                        "minimum pools need {} connections; {instance_name} has {} usable; granted minPerPod {grant}",
+                        a.needed_min,
+                        c.usable()
+                    );
+                    events.push((EventType::Warning, "Overcommitted", message.clone()));
+                    condition(prev_conditions, condition_type::BUDGET_FITS, false, "Overcommitted", message, generation, now)
+                }
+                (Ok(CapacityResolution::Unknown(why)), _) => {
+                    let message = format!("{why}; granted minPerPod {grant}");
+                    condition(prev_conditions, condition_type::BUDGET_FITS, false, "CapacityUnknown", message, generation, now)
+                }
+                (Ok(CapacityResolution::Known(_)), None) => {
+                    let message = format!("the bindings of {instance_name} could not be allocated; granted minPerPod {grant}");
+                    condition(prev_conditions, condition_type::BUDGET_FITS, false, "CapacityUnknown", message, generation, now)
+                }
+                (Err(why), _) => {
+                    let message = format!("the capacity of {instance_name} could not be resolved: {why}; granted minPerPod {grant}");
+                    condition(prev_conditions, condition_type::BUDGET_FITS, false, "CapacityUnknown", message, generation, now)
+                }
+            };
+            conditions.push(budget_condition);
+
+            // Workloads.
+            let problems: Vec<&WorkloadStatus> = workloads.iter().filter(|w| !w.injected).collect();
+            let conflict = problems.iter().find(|w| w.reason.as_deref() == Some("Conflict"));
+            let (bound, reason, message) = if matched == 0 {
+                (false, "NoWorkloads", "no workload matches spec.workloads in this namespace".to_string())
+            } else if let Some(w) = conflict {
+                (false, "Conflict", format!("{} {}: {}", w.kind, w.name, w.message.clone().unwrap_or_default()))
+            } else if let Some(w) = problems.first() {
+                (
+                    false,
+                    w.reason.clone().map(|r| if r == "NeedsAdmission" { "NeedsAdmission" } else { "NotInjected" }).unwrap_or("NotInjected"),
+                    format!("{} {}: {}", w.kind, w.name, w.message.clone().unwrap_or_default()),
+                )
+            } else {
+                (true, "Injected", format!("{injected} of {matched} workloads injected"))
+            };
+            if reason == "Conflict" {
+                events.push((EventType::Warning, "Conflict", message.clone()));
+            }
+            conditions.push(condition(prev_conditions, condition_type::WORKLOADS_BOUND, bound, reason, &message, generation, now));
+            conditions.push(condition(
+                prev_conditions,
+                condition_type::READY,
+                bound,
+                if bound { "Bound" } else { reason },
+                if bound { format!("{injected} workloads injected; {grant} connections per pod") } else { message },
+                generation,
+                now,
+            ));
+        }
+    }
+    status.workloads = workloads;
+    status.conditions = conditions;
+
+    if !status_equivalent(&previous, &status) {
+        let api: Api<CloudSqlBinding> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({
+            "apiVersion": "cloudsql.dev/v1alpha1",
+            "kind": "CloudSqlBinding",
+            "status": status,
+        });
+        api.patch_status(&binding.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+            .await
+            .map_err(|source| Error::Kube {
+                action: format!("writing the status of binding {key}"),
+                source,
+            })?;
+        ctx.metrics.write("binding", "apply_status");
+        // Events only on a change of the Ready reason, so an idle cluster sees none.
+        let ready_reason = |cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+            crate::api::find_condition(cs, condition_type::READY).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        };
+        let budget_reason = |cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+            crate::api::find_condition(cs, condition_type::BUDGET_FITS).map(|c| c.reason.clone())
+        };
+        let reference = binding.object_ref(&());
+        for (type_, reason, note) in events {
+            let changed = if reason == "Overcommitted" {
+                budget_reason(prev_conditions) != budget_reason(&status.conditions)
+            } else {
+                ready_reason(prev_conditions) != ready_reason(&status.conditions)
+            };
+            if changed {
+                publish(ctx, &reference, type_, reason, note).await;
+            }
+        }
+    }
+    let _ = ctx.instance_trigger.send(ObjectRef::new(&instance_name));
+    Ok(Action::requeue(Duration::from_secs(30 * 60)))
+}
+
+/// Whether two statuses say the same thing (condition timestamps aside).
+fn status_equivalent(a: &CloudSqlBindingStatus, b: &CloudSqlBindingStatus) -> bool {
+    a.observed_generation == b.observed_generation
+        && a.instance == b.instance
+        && a.pool == b.pool
+        && a.workloads_summary == b.workloads_summary
+        && a.workloads == b.workloads
+        && conditions_equivalent(&a.conditions, &b.conditions)
+}
+
+async fn cleanup(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, Error> {
+    let key = binding_key(&binding);
+    let results = sync_all(&binding, Some(&key), ctx).await?;
+    let cleaned = results.iter().filter(|r| r.id.kind.has_mutable_template()).count();
+    publish(
+        ctx,
+        &binding.object_ref(&()),
+        EventType::Normal,
+        "Cleaned",
+        format!("removed the injection from {cleaned} workloads"),
+    )
+    .await;
+    let _ = ctx
+        .instance_trigger
+        .send(ObjectRef::new(&binding.spec.instance_ref.name));
+    Ok(Action::await_change())
+}

@@ -1,0 +1,210 @@
+//! The instance reconciler: resolve the capacity, share it among the bindings
+//! (the budget), write the instance's status, and send bindings whose grant
+//! moved back to the binding reconciler.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::instrument;
+
+use super::world::{Eligibility, binding_key};
+use super::{Context, Error};
+use crate::api::{
+    CapacityStatus, CloudSqlInstance, CloudSqlInstanceStatus, FIELD_MANAGER, condition, condition_type,
+    conditions_equivalent, find_condition,
+};
+use crate::budget::CapacityResolution;
+use crate::telemetry::InstanceLabel;
+
+#[instrument(skip_all, fields(instance = %instance.name_any()))]
+pub async fn reconcile(instance: Arc<CloudSqlInstance>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // The budget counts bindings: never compute it from a half-filled cache.
+    let _ = ctx.stores.bindings.wait_until_ready().await;
+    let _timer = ctx.metrics.reconcile_timer("instance");
+    let name = instance.name_any();
+    let generation = instance.metadata.generation;
+    let now = Timestamp::now();
+    let previous = instance.status.clone().unwrap_or_default();
+    let prev = &previous.conditions;
+
+    let discovered = ctx.stores.discovered(&instance);
+    let capacity = ctx.stores.capacity(&instance, discovered.clone());
+    let budget = ctx.stores.budget(&instance, &capacity);
+    let bindings = ctx.stores.bindings_of(&name);
+
+    let mut status = CloudSqlInstanceStatus {
+        observed_generation: generation,
+        database_version: discovered
+            .as_ref()
+            .map(|d| d.database_version.clone())
+            .or_else(|| instance.spec.database_version.clone()),
+        tier: discovered
+            .as_ref()
+            .map(|d| d.tier.clone())
+            .or_else(|| instance.spec.capacity.tier.clone()),
+        bindings: i32::try_from(bindings.len()).unwrap_or(i32::MAX),
+        ..Default::default()
+    };
+    let mut conditions = Vec::new();
+    let mut warning = None;
+    match &capacity {
+        Ok(CapacityResolution::Known(c)) => {
+            status.capacity = Some(CapacityStatus {
+                max_connections: i64::from(c.max_connections),
+                source: c.source.as_str().to_string(),
+                usable: i64::from(c.usable()),
+            });
+            conditions.push(condition(
+                prev,
+                condition_type::CAPACITY_KNOWN,
+                true,
+                c.source.as_str(),
+                format!(
+                    "max_connections {} ({}) - reserved {} - external {} = {} usable",
+                    c.max_connections,
+                    c.source,
+                    c.reserved,
+                    c.external,
+                    c.usable()
+                ),
+                generation,
+                now,
+            ));
+            ctx.metrics
+                .usable
+                .get_or_create(&InstanceLabel { instance: name.clone() })
+                .set(i64::from(c.usable()));
+        }
+        Ok(CapacityResolution::Unknown(why)) => {
+            let message = format!("{why}; bindings are granted their minPerPod");
+            conditions.push(condition(prev, condition_type::CAPACITY_KNOWN, false, why.reason(), &message, generation, now));
+            warning = Some(("CapacityUnknown", message));
+        }
+        Err(why) => {
+            let message = format!("{why}; bindings are granted their minPerPod");
+            conditions.push(condition(prev, condition_type::CAPACITY_KNOWN, false, "InvalidCapacity", &message, generation, now));
+            warning = Some(("CapacityUnknown", message));
+        }
+    }
+    if let Some(a) = &budget.allocation {
+        status.allocated = Some(i64::try_from(a.allocated).unwrap_or(i64::MAX));
+        ctx.metrics
+            .allocated
+            .get_or_create(&InstanceLabel { instance: name.clone() })
+            .set(i64::try_from(a.allocated).unwrap_or(i64::MAX));
+        if a.fits {
+            conditions.push(condition(
+                prev,
+                condition_type::BUDGET_FITS,
+                true,
+                if a.requested <= u64::from(a.usable) { "Fits" } else { "Shared" },
+                format!(
+                    "{} bindings request {} connections at their maximum pools; {} allocated of {} usable",
+                    budget.requests.len(),
+                    a.requested,
+                    a.allocated,
+                    a.usable
+                ),
+                generation,
+                now,
+            ));
+        } else {
+            let message = format!(
+                "minimum pools need {} connections; {name} has {} usable",
+                a.needed_min, a.usable
+            );
+            conditions.push(condition(prev, condition_type::BUDGET_FITS, false, "Overcommitted", &message, generation, now));
+            warning = Some(("Overcommitted", message));
+        }
+    }
+    let capacity_ok = matches!(capacity, Ok(CapacityResolution::Known(_)));
+    let fits = budget.allocation.as_ref().is_some_and(|a| a.fits);
+    let (ready, reason, message) = match (capacity_ok, fits) {
+        (true, true) => (true, "Ready", format!("{} bindings", status.bindings)),
+        (false, _) => (false, "CapacityUnknown", "the capacity is unknown".to_string()),
+        (true, false) => (false, "Overcommitted", "the minimum pools of the bindings do not fit".to_string()),
+    };
+    conditions.push(condition(prev, condition_type::READY, ready, reason, message, generation, now));
+    status.conditions = conditions;
+
+    if !status_equivalent(&previous, &status) {
+        let api: Api<CloudSqlInstance> = Api::all(ctx.client.clone());
+        let patch = json!({
+            "apiVersion": "cloudsql.dev/v1alpha1",
+            "kind": "CloudSqlInstance",
+            "status": status,
+        });
+        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+            .await
+            .map_err(|source| Error::Kube {
+                action: format!("writing the status of instance {name}"),
+                source,
+            })?;
+        ctx.metrics.write("instance", "apply_status");
+        let reason_of = |cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+            find_condition(cs, condition_type::READY).map(|c| c.reason.clone())
+        };
+        if let Some((reason, note)) = warning
+            && reason_of(prev) != reason_of(&status.conditions)
+        {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: reason.into(),
+                note: Some(note),
+                action: "Budget".into(),
+                secondary: None,
+            };
+            if ctx.recorder.publish(&event, &instance.object_ref(&())).await.is_ok() {
+                ctx.metrics.write("instance", "event");
+            }
+        }
+    }
+
+    // Bindings whose grant moved (or that have not seen this instance yet) go
+    // back to the binding reconciler, which re-injects and rolls them.
+    if let Some(a) = &budget.allocation {
+        for binding in &bindings {
+            if !matches!(ctx.stores.eligibility(binding), Eligibility::Eligible(_)) {
+                continue;
+            }
+            let key = binding_key(binding);
+            let granted = binding
+                .status
+                .as_ref()
+                .and_then(|s| s.pool.as_ref())
+                .map(|p| p.granted_per_pod);
+            let want = a.grants.get(&key).map(|g| i64::from(*g));
+            if want.is_some() && granted != want {
+                let _ = ctx.binding_trigger.send(ObjectRef::from_obj(&**binding));
+            }
+        }
+    }
+    Ok(Action::requeue(Duration::from_secs(30 * 60)))
+}
+
+pub fn error_policy(_instance: Arc<CloudSqlInstance>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .errors
+        .get_or_create(&crate::telemetry::ControllerLabel {
+            controller: "instance".into(),
+        })
+        .inc();
+    super::retry_after(err)
+}
+
+fn status_equivalent(a: &CloudSqlInstanceStatus, b: &CloudSqlInstanceStatus) -> bool {
+    a.observed_generation == b.observed_generation
+        && a.database_version == b.database_version
+        && a.tier == b.tier
+        && a.capacity == b.capacity
+        && a.allocated == b.allocated
+        && a.bindings == b.bindings
+        && conditions_equivalent(&a.conditions, &b.conditions)
+}

@@ -1,0 +1,403 @@
+//! The reconcilers: bindings keep their workloads' pod templates injected;
+//! instances resolve their capacity and budget. Level-triggered: every
+//! reconcile starts from the stores (what the API server says now), applies
+//! only what differs, with server-side apply and the `cloudsql-binder` field
+//! manager, and writes status only when it says something new.
+
+mod binding;
+mod instance;
+mod subset;
+pub mod world;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::{FutureExt, Stream, StreamExt};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::{info, warn};
+
+use crate::api::{CloudSqlBinding, CloudSqlInstance, WorkloadKind};
+use crate::plan::TargetCapabilities;
+use crate::telemetry::{Metrics, Readiness};
+use crate::workload::{KnativeService, Workload};
+use world::Stores;
+
+/// Errors of a reconcile; each says what failed on which object.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the API server failed.
+    #[error("{action}: {source}")]
+    Kube {
+        /// What we were doing.
+        action: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The finalizer machinery failed.
+    #[error("finalizer of {object}: {message}")]
+    Finalizer {
+        /// The object.
+        object: String,
+        /// What failed.
+        message: String,
+    },
+    /// Cleanup is not finished yet (a workload still carries the injection).
+    #[error("{0}")]
+    CleanupPending(String),
+}
+
+/// Options of the controllers.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Namespaces whose bindings are handled (empty: all).
+    pub namespaces: Vec<String>,
+    /// The reporting instance in Events (the pod name).
+    pub reporter_instance: Option<String>,
+    /// Whether to force classic sidecars (for API servers without native sidecars).
+    pub native_sidecars: Option<bool>,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub stores: Stores,
+    pub caps: TargetCapabilities,
+    pub options: Options,
+    /// Asks the instance controller to look at an instance again.
+    pub instance_trigger: mpsc::UnboundedSender<ObjectRef<CloudSqlInstance>>,
+    /// Asks the binding controller to look at a binding again.
+    pub binding_trigger: mpsc::UnboundedSender<ObjectRef<CloudSqlBinding>>,
+}
+
+impl Context {
+    /// Whether bindings of this namespace are handled by this operator.
+    pub fn watches_namespace(&self, ns: &str) -> bool {
+        self.options.namespaces.is_empty() || self.options.namespaces.iter().any(|n| n == ns)
+    }
+}
+
+/// Strips what the controllers never read from cached objects.
+fn trim<K: Resource>(obj: &mut K) {
+    obj.meta_mut().managed_fields = None;
+}
+
+/// A reflector for `K` whose store the controllers read; returns the store and
+/// the stream of touched objects (to map into reconcile triggers).
+fn reflect<K>(api: Api<K>) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send)
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector(writer, watcher(api, watcher::Config::default().any_semantic()).modify(trim))
+        .default_backoff()
+        .touched_objects();
+    (reader, stream)
+}
+
+use kube::runtime::reflector::reflector;
+
+/// Bindings to reconcile when workload `obj` of kind `kind` changes: those in
+/// its namespace that select it now, or that list it in their status.
+fn bindings_for_workload(
+    stores: &Stores,
+    kind: WorkloadKind,
+    ns: &str,
+    name: &str,
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+) -> Vec<ObjectRef<CloudSqlBinding>> {
+    stores
+        .bindings_in(ns)
+        .into_iter()
+        .filter(|b| {
+            Stores::selects(b, kind, name, labels)
+                || b.status.as_ref().is_some_and(|s| {
+                    s.workloads
+                        .iter()
+                        .any(|w| w.kind == kind.as_str() && w.name == name)
+                })
+        })
+        .map(|b| ObjectRef::from_obj(&*b))
+        .collect()
+}
+
+fn spawn_workload_mapper<K, S>(
+    stream: S,
+    stores: Stores,
+    tx: mpsc::UnboundedSender<ObjectRef<CloudSqlBinding>>,
+) where
+    K: Workload,
+    S: Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(obj) => {
+                    let ns = obj.namespace().unwrap_or_default();
+                    let labels = obj.meta().labels.clone();
+                    for r in bindings_for_workload(&stores, K::KIND, &ns, &obj.name_any(), labels.as_ref()) {
+                        let _ = tx.send(r);
+                    }
+                }
+                Err(err) => warn!(kind = %K::KIND, error = %err, "watch error"),
+            }
+        }
+    });
+}
+
+/// Runs a metadata-only reflector in the background, calling `on_change` for
+/// every touched object.
+fn spawn_metadata_reflector<K>(
+    api: Api<kube::api::PartialObjectMeta<K>>,
+    on_change: impl Fn(&kube::api::PartialObjectMeta<K>) + Send + 'static,
+) -> Store<kube::api::PartialObjectMeta<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector(writer, watcher(api, watcher::Config::default().any_semantic()).modify(trim))
+        .default_backoff()
+        .touched_objects();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(obj) => on_change(&obj),
+                Err(err) => warn!(kind = %K::kind(&()), error = %err, "watch error"),
+            }
+        }
+    });
+    reader
+}
+
+/// Whether the API server supports native sidecars (restartable init containers, 1.29+).
+async fn native_sidecars(client: &Client) -> bool {
+    match client.apiserver_version().await {
+        Ok(info) => {
+            let minor: u32 = info
+                .minor
+                .trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .unwrap_or(0);
+            info.major == "1" && minor >= 29
+        }
+        Err(err) => {
+            warn!(error = %err, "cannot read the server version; assuming no native sidecars");
+            false
+        }
+    }
+}
+
+/// Starts the Knative `Service` reflector once its CRD exists (now or later).
+fn watch_for_knative(
+    client: Client,
+    stores: Stores,
+    tx: mpsc::UnboundedSender<ObjectRef<CloudSqlBinding>>,
+) {
+    tokio::spawn(async move {
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        let config = watcher::Config::default().fields("metadata.name=services.serving.knative.dev");
+        let mut stream = std::pin::pin!(watcher(crds, config).default_backoff().applied_objects());
+        while let Some(item) = stream.next().await {
+            let Ok(crd) = item else { continue };
+            let established = crd
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"));
+            let started = stores.knative.read().map(|g| g.is_some()).unwrap_or(true);
+            if established && !started {
+                info!("Knative Serving is installed: binding Service.serving.knative.dev");
+                let (store, stream) = reflect(Api::<KnativeService>::all(client.clone()));
+                if let Ok(mut guard) = stores.knative.write() {
+                    *guard = Some(store);
+                }
+                spawn_workload_mapper(stream, stores.clone(), tx.clone());
+                // Bindings waiting for Knative services can now find them.
+                for b in stores.bindings.state() {
+                    let _ = tx.send(ObjectRef::from_obj(&*b));
+                }
+            }
+        }
+    });
+}
+
+/// Runs both controllers until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    options: Options,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let caps = TargetCapabilities {
+        native_sidecars: match options.native_sidecars {
+            Some(forced) => forced,
+            None => native_sidecars(&client).await,
+        },
+    };
+    let (binding_tx, binding_rx) = mpsc::unbounded_channel();
+    let (instance_tx, instance_rx) = mpsc::unbounded_channel();
+
+    let bindings_api: Api<CloudSqlBinding> = Api::all(client.clone());
+    let instances_api: Api<CloudSqlInstance> = Api::all(client.clone());
+    let binding_controller = Controller::new(bindings_api, watcher::Config::default().any_semantic());
+    let instance_controller = Controller::new(instances_api, watcher::Config::default().any_semantic());
+
+    let (deployments, deployment_stream) = reflect(Api::<Deployment>::all(client.clone()));
+    let (stateful_sets, sts_stream) = reflect(Api::<StatefulSet>::all(client.clone()));
+    let (daemon_sets, ds_stream) = reflect(Api::<DaemonSet>::all(client.clone()));
+    let (replica_sets, rs_stream) = reflect(Api::<ReplicaSet>::all(client.clone()));
+    let (cron_jobs, cj_stream) = reflect(Api::<CronJob>::all(client.clone()));
+    let (jobs, job_stream) = reflect(Api::<Job>::all(client.clone()));
+    let (hpas, hpa_stream) = reflect(Api::<HorizontalPodAutoscaler>::all(client.clone()));
+
+    let stores_cell: Arc<RwLock<Option<Stores>>> = Arc::default();
+    let ns_tx = binding_tx.clone();
+    let ns_cell = stores_cell.clone();
+    let namespaces = spawn_metadata_reflector(Api::<kube::api::PartialObjectMeta<Namespace>>::all(client.clone()), move |ns| {
+        if let Some(stores) = ns_cell.read().ok().and_then(|g| g.clone()) {
+            for b in stores.bindings_in(&ns.name_any()) {
+                let _ = ns_tx.send(ObjectRef::from_obj(&*b));
+            }
+        }
+    });
+    let pod_tx = binding_tx.clone();
+    let pod_cell = stores_cell.clone();
+    let pods = spawn_metadata_reflector(Api::<kube::api::PartialObjectMeta<Pod>>::all(client.clone()), move |pod| {
+        if let Some(stores) = pod_cell.read().ok().and_then(|g| g.clone()) {
+            let ns = pod.namespace().unwrap_or_default();
+            for r in bindings_for_workload(&stores, WorkloadKind::Pod, &ns, &pod.name_any(), pod.metadata.labels.as_ref()) {
+                let _ = pod_tx.send(r);
+            }
+        }
+    });
+    let nodes = spawn_metadata_reflector(Api::<kube::api::PartialObjectMeta<Node>>::all(client.clone()), |_| {});
+
+    let stores = Stores {
+        instances: instance_controller.store(),
+        bindings: binding_controller.store(),
+        namespaces,
+        nodes,
+        hpas,
+        deployments,
+        stateful_sets,
+        daemon_sets,
+        replica_sets,
+        cron_jobs,
+        jobs,
+        pods,
+        knative: Arc::default(),
+    };
+    if let Ok(mut guard) = stores_cell.write() {
+        *guard = Some(stores.clone());
+    }
+    spawn_workload_mapper(deployment_stream, stores.clone(), binding_tx.clone());
+    spawn_workload_mapper(sts_stream, stores.clone(), binding_tx.clone());
+    spawn_workload_mapper(ds_stream, stores.clone(), binding_tx.clone());
+    spawn_workload_mapper(rs_stream, stores.clone(), binding_tx.clone());
+    spawn_workload_mapper(cj_stream, stores.clone(), binding_tx.clone());
+    spawn_workload_mapper(job_stream, stores.clone(), binding_tx.clone());
+    watch_for_knative(client.clone(), stores.clone(), binding_tx.clone());
+
+    // HPA changes move max pods: look at every binding of the HPA's namespace.
+    {
+        let stores = stores.clone();
+        let tx = binding_tx.clone();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(hpa_stream);
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(hpa) => {
+                        for b in stores.bindings_in(&hpa.namespace().unwrap_or_default()) {
+                            let _ = tx.send(ObjectRef::from_obj(&*b));
+                        }
+                    }
+                    Err(err) => warn!(error = %err, "HorizontalPodAutoscaler watch error"),
+                }
+            }
+        });
+    }
+
+    let reporter = Reporter {
+        controller: "cloudsql-binder".into(),
+        instance: options.reporter_instance.clone(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        metrics,
+        stores: stores.clone(),
+        caps,
+        options,
+        instance_trigger: instance_tx,
+        binding_trigger: binding_tx.clone(),
+    });
+
+    // Reconciles read these stores: start only once they have synced, so a
+    // restart never computes from a half-filled cache (and never writes).
+    let _ = tokio::join!(
+        stores.deployments.wait_until_ready(),
+        stores.stateful_sets.wait_until_ready(),
+        stores.daemon_sets.wait_until_ready(),
+        stores.replica_sets.wait_until_ready(),
+        stores.cron_jobs.wait_until_ready(),
+        stores.jobs.wait_until_ready(),
+        stores.pods.wait_until_ready(),
+        stores.namespaces.wait_until_ready(),
+        stores.nodes.wait_until_ready(),
+        stores.hpas.wait_until_ready(),
+    );
+    {
+        let stores = stores.clone();
+        tokio::spawn(async move {
+            let _ = tokio::join!(stores.instances.wait_until_ready(), stores.bindings.wait_until_ready());
+            readiness.set_ready();
+            info!("caches synced");
+        });
+    }
+
+    let shutdown = shutdown.shared();
+    let config = kube::runtime::controller::Config::default().concurrency(16);
+    let bindings = binding_controller
+        .with_config(config.clone())
+        .reconcile_on(UnboundedReceiverStream::new(binding_rx))
+        .graceful_shutdown_on(shutdown.clone())
+        .run(binding::reconcile, binding::error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(err) = res {
+                warn!(error = %err, "binding reconcile failed");
+            }
+        });
+    let instances = instance_controller
+        .with_config(config)
+        .reconcile_on(UnboundedReceiverStream::new(instance_rx))
+        .graceful_shutdown_on(shutdown)
+        .run(instance::reconcile, instance::error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(err) = res {
+                warn!(error = %err, "instance reconcile failed");
+            }
+        });
+    tokio::join!(bindings, instances);
+}
+
+/// Requeue delay after an error (the controller adds its own backoff per object).
+pub(crate) fn retry_after(_err: &Error) -> Action {
+    Action::requeue(Duration::from_secs(5))
+}

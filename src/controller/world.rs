@@ -1,0 +1,508 @@
+//! What the controllers know of the cluster: reflector stores of every kind
+//! they read, and the (pure over those stores) questions a reconcile asks —
+//! which workloads a binding selects, whether a binding may inject, what its
+//! grant is, and what one workload's template should carry.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodSpec};
+use kube::api::PartialObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+
+use crate::api::{CloudSqlBinding, CloudSqlInstance, WorkloadKind, WorkloadSelector};
+use crate::budget::{self, Allocation, CapacityInputs, CapacityResolution, MaxPods, PoolRequest};
+use crate::plan::{Grant, InjectionPlan, PodInjection, TargetCapabilities};
+use crate::workload::{KnativeService, TemplateView, Workload, selector_matches};
+
+/// The reflector stores the controllers read.
+#[derive(Clone)]
+pub struct Stores {
+    pub instances: Store<CloudSqlInstance>,
+    pub bindings: Store<CloudSqlBinding>,
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    pub nodes: Store<PartialObjectMeta<Node>>,
+    pub hpas: Store<HorizontalPodAutoscaler>,
+    pub deployments: Store<Deployment>,
+    pub stateful_sets: Store<StatefulSet>,
+    pub daemon_sets: Store<DaemonSet>,
+    pub replica_sets: Store<ReplicaSet>,
+    pub cron_jobs: Store<CronJob>,
+    pub jobs: Store<Job>,
+    pub pods: Store<PartialObjectMeta<Pod>>,
+    /// Present once the Knative Serving `Service` CRD exists.
+    pub knative: Arc<RwLock<Option<Store<KnativeService>>>>,
+}
+
+/// One workload a binding selects.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkloadId {
+    pub kind: WorkloadKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for WorkloadId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// Whether and how a binding takes part in injection.
+#[derive(Clone, Debug)]
+pub enum Eligibility {
+    /// It injects, connecting to this instance.
+    Eligible(Arc<CloudSqlInstance>),
+    /// Its instance does not exist: workloads are left exactly as they are
+    /// (deleting an instance must never cause an outage).
+    InstanceMissing,
+    /// The instance does not admit the binding's namespace: nothing injected.
+    NamespaceNotAllowed(Arc<CloudSqlInstance>),
+    /// The binding is being deleted: its injection is taken out.
+    Deleting,
+}
+
+/// What one workload's template should carry.
+pub struct Desire {
+    /// The injection of every binding that takes part.
+    pub injection: PodInjection,
+    /// Per binding key, what happened.
+    pub outcomes: BTreeMap<String, Outcome>,
+}
+
+/// What happened to one binding on one workload.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Its plan is part of the injection.
+    Injected,
+    /// Refused: it collides with the user's template or another binding.
+    Conflict(String),
+    /// Its plan could not be built.
+    PlanFailed(String),
+}
+
+/// The key of a binding, `namespace/name`.
+pub fn binding_key(binding: &CloudSqlBinding) -> String {
+    format!(
+        "{}/{}",
+        binding.namespace().unwrap_or_default(),
+        binding.name_any()
+    )
+}
+
+fn by_creation(a: &Arc<CloudSqlBinding>, b: &Arc<CloudSqlBinding>) -> std::cmp::Ordering {
+    let at = |x: &Arc<CloudSqlBinding>| x.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    at(a)
+        .cmp(&at(b))
+        .then_with(|| binding_key(a).cmp(&binding_key(b)))
+}
+
+fn get<K: Workload>(store: &Store<K>, ns: &str, name: &str) -> Option<Arc<K>> {
+    store.get(&ObjectRef::new(name).within(ns))
+}
+
+fn select<K: Workload>(store: &Store<K>, ns: &str, entry: &WorkloadSelector) -> Vec<Arc<K>> {
+    match (&entry.name, &entry.selector) {
+        (Some(name), _) => get(store, ns, name).into_iter().collect(),
+        (None, Some(selector)) => store
+            .state()
+            .into_iter()
+            .filter(|o| o.namespace().as_deref() == Some(ns))
+            .filter(|o| selector_matches(selector, o.meta().labels.as_ref()))
+            .collect(),
+        (None, None) => Vec::new(),
+    }
+}
+
+fn entry_selects(entry: &WorkloadSelector, name: &str, labels: Option<&BTreeMap<String, String>>) -> bool {
+    match (&entry.name, &entry.selector) {
+        (Some(n), _) => n == name,
+        (None, Some(selector)) => selector_matches(selector, labels),
+        (None, None) => false,
+    }
+}
+
+impl Stores {
+    fn knative_store(&self) -> Option<Store<KnativeService>> {
+        self.knative.read().ok().and_then(|g| g.clone())
+    }
+
+    /// Every workload a binding selects now, deduplicated and sorted.
+    pub fn selected(&self, binding: &CloudSqlBinding) -> Vec<WorkloadId> {
+        let ns = binding.namespace().unwrap_or_default();
+        let mut out = Vec::new();
+        for entry in &binding.spec.workloads {
+            let names: Vec<String> = match entry.kind {
+                WorkloadKind::Deployment => names(select(&self.deployments, &ns, entry)),
+                WorkloadKind::StatefulSet => names(select(&self.stateful_sets, &ns, entry)),
+                WorkloadKind::DaemonSet => names(select(&self.daemon_sets, &ns, entry)),
+                WorkloadKind::ReplicaSet => names(select(&self.replica_sets, &ns, entry)),
+                WorkloadKind::CronJob => names(select(&self.cron_jobs, &ns, entry)),
+                WorkloadKind::Job => names(select(&self.jobs, &ns, entry)),
+                WorkloadKind::Pod => match (&entry.name, &entry.selector) {
+                    (Some(name), _) => self
+                        .pods
+                        .get(&ObjectRef::new(name).within(&ns))
+                        .map(|p| vec![p.name_any()])
+                        .unwrap_or_default(),
+                    (None, Some(selector)) => self
+                        .pods
+                        .state()
+                        .into_iter()
+                        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+                        .filter(|p| selector_matches(selector, p.metadata.labels.as_ref()))
+                        .map(|p| p.name_any())
+                        .collect(),
+                    (None, None) => Vec::new(),
+                },
+                WorkloadKind::KnativeService => self
+                    .knative_store()
+                    .map(|s| names(select(&s, &ns, entry)))
+                    .unwrap_or_default(),
+            };
+            out.extend(names.into_iter().map(|name| WorkloadId {
+                kind: entry.kind,
+                namespace: ns.clone(),
+                name,
+            }));
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Whether `binding` selects the workload `name` of `kind` with `labels`.
+    pub fn selects(
+        binding: &CloudSqlBinding,
+        kind: WorkloadKind,
+        name: &str,
+        labels: Option<&BTreeMap<String, String>>,
+    ) -> bool {
+        binding
+            .spec
+            .workloads
+            .iter()
+            .any(|e| e.kind == kind && entry_selects(e, name, labels))
+    }
+
+    /// Bindings of a namespace, oldest first.
+    pub fn bindings_in(&self, ns: &str) -> Vec<Arc<CloudSqlBinding>> {
+        let mut out: Vec<_> = self
+            .bindings
+            .state()
+            .into_iter()
+            .filter(|b| b.namespace().as_deref() == Some(ns))
+            .collect();
+        out.sort_by(by_creation);
+        out
+    }
+
+    /// Bindings of an instance, in key order.
+    pub fn bindings_of(&self, instance: &str) -> Vec<Arc<CloudSqlBinding>> {
+        let mut out: Vec<_> = self
+            .bindings
+            .state()
+            .into_iter()
+            .filter(|b| b.spec.instance_ref.name == instance)
+            .collect();
+        out.sort_by_key(|b| binding_key(b));
+        out
+    }
+
+    /// Whether and how a binding takes part in injection.
+    pub fn eligibility(&self, binding: &CloudSqlBinding) -> Eligibility {
+        if binding.metadata.deletion_timestamp.is_some() {
+            return Eligibility::Deleting;
+        }
+        let Some(instance) = self
+            .instances
+            .get(&ObjectRef::new(&binding.spec.instance_ref.name))
+        else {
+            return Eligibility::InstanceMissing;
+        };
+        if self.namespace_allowed(&instance, &binding.namespace().unwrap_or_default()) {
+            Eligibility::Eligible(instance)
+        } else {
+            Eligibility::NamespaceNotAllowed(instance)
+        }
+    }
+
+    /// Whether `instance.spec.allowedNamespaces` admits namespace `ns`.
+    pub fn namespace_allowed(&self, instance: &CloudSqlInstance, ns: &str) -> bool {
+        let Some(allowed) = &instance.spec.allowed_namespaces else {
+            return true;
+        };
+        if allowed.names.iter().any(|n| n == ns) {
+            return true;
+        }
+        let Some(selector) = &allowed.selector else {
+            return false;
+        };
+        self.namespaces
+            .get(&ObjectRef::new(ns))
+            .is_some_and(|n| selector_matches(selector, n.metadata.labels.as_ref()))
+    }
+
+    fn hpa_max(&self, ns: &str, kind: &str, name: &str) -> Option<i32> {
+        let hpas: Vec<HorizontalPodAutoscaler> = self
+            .hpas
+            .state()
+            .into_iter()
+            .filter(|h| h.namespace().as_deref() == Some(ns))
+            .map(|h| (*h).clone())
+            .collect();
+        budget::max_pods::hpa_max_replicas_for(&hpas, kind, name)
+    }
+
+    /// The most pods of one workload that can hold connections at once.
+    pub fn max_pods(&self, id: &WorkloadId) -> Option<MaxPods> {
+        let (ns, name) = (id.namespace.as_str(), id.name.as_str());
+        use budget::max_pods as mp;
+        Some(match id.kind {
+            WorkloadKind::Deployment => {
+                mp::deployment(&*get(&self.deployments, ns, name)?, self.hpa_max(ns, "Deployment", name))
+            }
+            WorkloadKind::StatefulSet => mp::stateful_set(
+                &*get(&self.stateful_sets, ns, name)?,
+                self.hpa_max(ns, "StatefulSet", name),
+            ),
+            WorkloadKind::ReplicaSet => {
+                mp::replica_set(&*get(&self.replica_sets, ns, name)?, self.hpa_max(ns, "ReplicaSet", name))
+            }
+            WorkloadKind::DaemonSet => {
+                let nodes = u32::try_from(self.nodes.state().len()).unwrap_or(u32::MAX);
+                mp::daemon_set(&*get(&self.daemon_sets, ns, name)?, nodes)
+            }
+            WorkloadKind::Job => mp::job(&*get(&self.jobs, ns, name)?),
+            WorkloadKind::CronJob => mp::cron_job(&*get(&self.cron_jobs, ns, name)?),
+            WorkloadKind::Pod => {
+                self.pods.get(&ObjectRef::new(name).within(ns))?;
+                mp::pod()
+            }
+            WorkloadKind::KnativeService => {
+                let store = self.knative_store()?;
+                let svc = get(&store, ns, name)?;
+                let annotations = svc
+                    .spec
+                    .template
+                    .as_ref()
+                    .and_then(|t| t.metadata.annotations.clone())
+                    .unwrap_or_default();
+                mp::knative_service(&annotations)
+            }
+        })
+    }
+
+    /// Max pods of a binding: the sum over the workloads it selects.
+    pub fn binding_max_pods(&self, binding: &CloudSqlBinding) -> (u32, Vec<(WorkloadId, MaxPods)>) {
+        let per: Vec<(WorkloadId, MaxPods)> = self
+            .selected(binding)
+            .into_iter()
+            .filter_map(|id| self.max_pods(&id).map(|m| (id, m)))
+            .collect();
+        let total = per.iter().fold(0u32, |acc, (_, m)| acc.saturating_add(m.count));
+        (total, per)
+    }
+
+    /// The instance's capacity, from its spec and (later) what discovery found.
+    pub fn capacity(&self, instance: &CloudSqlInstance, discovered: Option<budget::DiscoveredInstance>) -> CapacityResolutionOrError {
+        let spec = &instance.spec;
+        let inputs = CapacityInputs {
+            spec_max_connections: spec.capacity.max_connections.and_then(|n| u32::try_from(n).ok()),
+            spec_tier: spec.capacity.tier.clone(),
+            spec_database_version: spec.database_version.clone(),
+            discovered,
+            reserved: u32::try_from(spec.capacity.reserved_connections).unwrap_or(0),
+            external: u32::try_from(spec.capacity.external_connections).unwrap_or(0),
+        };
+        budget::resolve_capacity(&inputs).map_err(|e| e.to_string())
+    }
+
+    /// The budget of an instance over every binding that takes part in it.
+    pub fn budget(&self, instance: &CloudSqlInstance, capacity: &CapacityResolutionOrError) -> Budget {
+        let name = instance.name_any();
+        let mut requests = Vec::new();
+        let mut max_pods = BTreeMap::new();
+        for binding in self.bindings_of(&name) {
+            if !matches!(self.eligibility(&binding), Eligibility::Eligible(_)) {
+                continue;
+            }
+            let (pods, _) = self.binding_max_pods(&binding);
+            let pool = &binding.spec.pool;
+            let key = binding_key(&binding);
+            max_pods.insert(key.clone(), pods);
+            requests.push(PoolRequest {
+                key,
+                max_pods: pods,
+                min_per_pod: u32::try_from(pool.min_per_pod).unwrap_or(1).max(1),
+                max_per_pod: u32::try_from(pool.max_per_pod).unwrap_or(1).max(1),
+                weight: u32::try_from(pool.weight).unwrap_or(1).max(1),
+            });
+        }
+        let usable = match capacity {
+            Ok(CapacityResolution::Known(c)) => Some(c.usable()),
+            _ => None,
+        };
+        let allocation = usable.and_then(|u| budget::allocate(u, &requests).ok());
+        Budget {
+            requests,
+            max_pods,
+            allocation,
+        }
+    }
+
+    /// The per-pod grant of a binding: its share of the instance's budget, or
+    /// `minPerPod` while the capacity is unknown.
+    pub fn grant(&self, binding: &CloudSqlBinding, instance: &CloudSqlInstance) -> Grant {
+        let capacity = self.capacity(instance, self.discovered(instance));
+        let budget = self.budget(instance, &capacity);
+        let key = binding_key(binding);
+        let per_pod = budget
+            .allocation
+            .as_ref()
+            .and_then(|a| a.grants.get(&key).copied())
+            .unwrap_or_else(|| u32::try_from(binding.spec.pool.min_per_pod).unwrap_or(1).max(1));
+        Grant { per_pod }
+    }
+
+    /// What the Admin API told us about the instance (filled by the discovery loop).
+    pub fn discovered(&self, _instance: &CloudSqlInstance) -> Option<budget::DiscoveredInstance> {
+        None
+    }
+
+    /// What the template of workload `id` should carry, given every binding of
+    /// its namespace. Bindings are taken oldest first; one whose injection
+    /// collides with what is already accepted is refused (`Conflict`).
+    pub fn desire(
+        &self,
+        id: &WorkloadId,
+        labels: Option<&BTreeMap<String, String>>,
+        template: TemplateView<'_>,
+        caps: TargetCapabilities,
+        exclude: Option<&str>,
+    ) -> Desire {
+        let mut accepted: Vec<InjectionPlan> = Vec::new();
+        let mut outcomes = BTreeMap::new();
+        for binding in self.bindings_in(&id.namespace) {
+            let key = binding_key(&binding);
+            if exclude == Some(key.as_str()) || !Stores::selects(&binding, id.kind, &id.name, labels) {
+                continue;
+            }
+            let (instance, grant) = match self.eligibility(&binding) {
+                Eligibility::Eligible(instance) => {
+                    let grant = self.grant(&binding, &instance);
+                    (instance, grant)
+                }
+                // The instance is gone: keep injecting exactly what was injected
+                // (recorded in the binding's status), so nothing rolls or breaks.
+                Eligibility::InstanceMissing => match last_known(&binding) {
+                    Some(known) => known,
+                    None => continue,
+                },
+                Eligibility::NamespaceNotAllowed(_) | Eligibility::Deleting => continue,
+            };
+            let plan = match InjectionPlan::new(&binding, &instance, grant, caps) {
+                Ok(plan) => plan,
+                Err(err) => {
+                    outcomes.insert(key, Outcome::PlanFailed(err.to_string()));
+                    continue;
+                }
+            };
+            let mut trial = accepted.clone();
+            trial.push(plan.clone());
+            let mut spec: PodSpec = template.spec.clone();
+            let mut annotations = template.annotations.cloned();
+            match PodInjection::new(trial).apply_for(id.kind, &mut spec, &mut annotations) {
+                Ok(()) => {
+                    accepted.push(plan);
+                    outcomes.insert(key, Outcome::Injected);
+                }
+                Err(conflicts) => {
+                    let message = conflicts
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    outcomes.insert(key, Outcome::Conflict(message));
+                }
+            }
+        }
+        Desire {
+            injection: PodInjection::new(accepted),
+            outcomes,
+        }
+    }
+
+    /// The pod template and labels of a workload with a mutable template, or
+    /// `None` when it does not exist (or has none).
+    pub fn with_template<R>(
+        &self,
+        id: &WorkloadId,
+        f: impl FnOnce(&kube::api::ObjectMeta, TemplateView<'_>, serde_json::Value) -> R,
+    ) -> Option<R> {
+        fn on<K: Workload, R>(
+            store: &Store<K>,
+            id: &WorkloadId,
+            f: impl FnOnce(&kube::api::ObjectMeta, TemplateView<'_>, serde_json::Value) -> R,
+        ) -> Option<R> {
+            let obj = get(store, &id.namespace, &id.name)?;
+            let template = obj.template()?;
+            let json = serde_json::to_value(&*obj).unwrap_or(serde_json::Value::Null);
+            Some(f(obj.meta(), template, json))
+        }
+        match id.kind {
+            WorkloadKind::Deployment => on(&self.deployments, id, f),
+            WorkloadKind::StatefulSet => on(&self.stateful_sets, id, f),
+            WorkloadKind::DaemonSet => on(&self.daemon_sets, id, f),
+            WorkloadKind::ReplicaSet => on(&self.replica_sets, id, f),
+            WorkloadKind::CronJob => on(&self.cron_jobs, id, f),
+            WorkloadKind::KnativeService => on(&self.knative_store()?, id, f),
+            WorkloadKind::Job | WorkloadKind::Pod => None,
+        }
+    }
+}
+
+/// The instance and grant a binding last injected with, from its status: used
+/// while its instance is missing so its workloads stay exactly as they are.
+fn last_known(binding: &CloudSqlBinding) -> Option<(Arc<CloudSqlInstance>, Grant)> {
+    let status = binding.status.as_ref()?;
+    let bound = status.instance.as_ref()?;
+    let granted = status.pool.as_ref()?.granted_per_pod;
+    let mut instance = CloudSqlInstance::new(
+        &binding.spec.instance_ref.name,
+        crate::api::CloudSqlInstanceSpec {
+            connection_name: bound.connection_name.clone(),
+            database_version: bound.database_version.clone(),
+            capacity: Default::default(),
+            discovery: crate::api::Discovery::None,
+            allowed_namespaces: None,
+        },
+    );
+    instance.status = Some(crate::api::CloudSqlInstanceStatus {
+        database_version: bound.database_version.clone(),
+        ..Default::default()
+    });
+    let per_pod = u32::try_from(granted).ok().filter(|g| *g > 0)?;
+    Some((Arc::new(instance), Grant { per_pod }))
+}
+
+fn names<K: Resource>(objs: Vec<Arc<K>>) -> Vec<String> {
+    objs.into_iter().map(|o| o.name_any()).collect()
+}
+
+/// A capacity resolution, or the error that prevented one.
+pub type CapacityResolutionOrError = Result<CapacityResolution, String>;
+
+/// The budget of one instance.
+pub struct Budget {
+    /// One request per taking-part binding.
+    pub requests: Vec<PoolRequest>,
+    /// Max pods per binding key.
+    pub max_pods: BTreeMap<String, u32>,
+    /// The allocation, when the capacity is known.
+    pub allocation: Option<Allocation>,
+}

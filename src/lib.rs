@@ -1,0 +1,15 @@
+//! cloudsql-binder: binds Kubernetes and Cloud Run workloads to Cloud SQL through
+//! the Cloud SQL Auth Proxy or a language connector, and keeps every bound
+//! workload's connection pools within the instance's `max_connections`.
+
+pub mod api;
+pub mod budget;
+pub mod plan;
+pub mod render;
+
+/// The Kubernetes API version the crate is built against (the k8s-openapi
+/// feature), which matches the control plane the tests run on.
+pub const KUBERNETES_API_VERSION: &str = "1.34";
+pub mod controller;
+pub mod telemetry;
+pub mod workload;

@@ -1,0 +1,206 @@
+//! The `cloudsql-binder` binary: thin subcommands over the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Binds Kubernetes and Cloud Run workloads to Cloud SQL and keeps their
+/// connection pools within the instance's max_connections.
+#[derive(Parser)]
+#[command(name = "cloudsql-binder", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the crate version and the Kubernetes API version it is built against.
+    Version,
+    /// Print the CloudSqlInstance and CloudSqlBinding CRDs as multi-document YAML.
+    Crd,
+    /// Apply bindings to workload YAML offline and print the result.
+    Render(RenderArgs),
+    /// Run the operator: keep bound workloads injected and budgets current.
+    Run(RunArgs),
+}
+
+/// Options of `cloudsql-binder run`.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Handle bindings only in these namespaces (repeatable; default: all).
+    #[arg(long = "namespace", value_name = "NAMESPACE")]
+    namespaces: Vec<String>,
+    /// Address serving /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: cloudsql_binder::telemetry::LogFormat,
+    /// Force native sidecars on or off (default: detected from the API server version).
+    #[arg(long)]
+    native_sidecars: Option<bool>,
+}
+
+fn main() -> ExitCode {
+    // Exactly one rustls provider per process: kube's client panics when it
+    // finds none or cannot pick between two.
+    if rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .is_err()
+    {
+        eprintln!("cloudsql-binder: a rustls crypto provider was already installed");
+    }
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("cloudsql-binder: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Version => {
+            println!(
+                "cloudsql-binder {} (Kubernetes API {})",
+                env!("CARGO_PKG_VERSION"),
+                cloudsql_binder::KUBERNETES_API_VERSION
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Crd => {
+            print!("{}", cloudsql_binder::api::crds_yaml()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Render(args) => Ok(render_command(args)),
+        Command::Run(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(run_operator(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use anyhow::Context as _;
+    use cloudsql_binder::{controller, telemetry};
+    use futures::FutureExt;
+
+    telemetry::init_tracing(args.log_format);
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to Kubernetes (KUBECONFIG or the in-cluster service account)")?;
+    let metrics = Arc::new(telemetry::Metrics::default());
+    let readiness = Arc::new(telemetry::Readiness::default());
+    let shutdown = shutdown_signal().shared();
+    let admin = tokio::spawn(telemetry::serve_admin(
+        args.metrics_addr,
+        metrics.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    ));
+    let options = controller::Options {
+        namespaces: args.namespaces,
+        reporter_instance: std::env::var("POD_NAME").ok(),
+        native_sidecars: args.native_sidecars,
+    };
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), metrics = %args.metrics_addr, "starting");
+    controller::run(client, options, metrics, readiness, shutdown).await;
+    match admin.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(err).context(format!("serving metrics on {}", args.metrics_addr)),
+        Err(err) => Err(err).context("the metrics server panicked"),
+    }
+}
+
+/// Options of `cloudsql-binder render`.
+#[derive(clap::Args)]
+#[command(
+    long_about = "Reads multi-document YAML holding CloudSqlInstances, CloudSqlBindings and workloads \
+(Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, Pod, Knative/Cloud Run Service) and prints \
+every document back, with the injection of the bindings that select each workload applied. A binding matches \
+workloads in its own namespace (missing = default) by kind and name or label selector.\n\n\
+The pool granted per pod is each binding's spec.pool.maxPerPod: offline there is no connection budget \
+(the operator grants from the instance's capacity; render will use the budget module once it allocates \
+offline).\n\n\
+On any error (invalid YAML, a binding whose instance is not in the input, an unknown kind, a conflict) \
+nothing is printed; each problem goes to stderr on one line and the exit status is non-zero."
+)]
+struct RenderArgs {
+    /// Input file (repeatable; `-` or none: stdin).
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    files: Vec<String>,
+    /// Take our injection out of every workload instead of injecting.
+    #[arg(long)]
+    remove: bool,
+    /// Whether the target cluster supports native sidecars (decides proxy.sidecar: Auto).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    native_sidecars: bool,
+}
+
+/// `cloudsql-binder render`: I/O around `cloudsql_binder::render::render`.
+fn render_command(args: RenderArgs) -> ExitCode {
+    use std::io::Read;
+    let files = if args.files.is_empty() { vec!["-".to_owned()] } else { args.files };
+    let mut inputs = Vec::new();
+    let mut failed = false;
+    for file in files {
+        let read = if file == "-" {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).map(|_| ("<stdin>".to_owned(), text))
+        } else {
+            std::fs::read_to_string(&file).map(|text| (file.clone(), text))
+        };
+        match read {
+            Ok(input) => inputs.push(input),
+            Err(err) => {
+                eprintln!("cloudsql-binder render: cannot read {file}: {err}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        return ExitCode::FAILURE;
+    }
+    let options = cloudsql_binder::render::RenderOptions {
+        remove: args.remove,
+        native_sidecars: args.native_sidecars,
+    };
+    match cloudsql_binder::render::render(&inputs, &options) {
+        Ok(yaml) => {
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for error in errors {
+                eprintln!("cloudsql-binder render: {error}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

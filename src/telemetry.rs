@@ -1,0 +1,268 @@
+//! Tracing setup, Prometheus metrics, and the health/readiness/metrics server.
+//!
+//! Metrics carry no per-object labels (cardinality): only the controller, the
+//! verb, and for budget gauges the CloudSqlInstance name (cluster-scoped and few).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label of per-controller metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabel {
+    /// `binding` or `instance`.
+    pub controller: String,
+}
+
+/// Label of API write counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabel {
+    /// The controller that wrote.
+    pub controller: String,
+    /// `apply`, `apply_status`, `event`, `finalizer`.
+    pub verb: String,
+}
+
+/// Label of per-instance budget gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabel {
+    /// CloudSqlInstance name.
+    pub instance: String,
+}
+
+/// Every metric the operator exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles run, by controller.
+    pub reconciles: Family<ControllerLabel, Counter>,
+    /// Reconciles that failed, by controller.
+    pub errors: Family<ControllerLabel, Counter>,
+    /// Reconcile durations in seconds, by controller.
+    pub durations: Family<ControllerLabel, Histogram>,
+    /// Writes sent to the API server (PATCH/PUT/POST/DELETE), by controller and verb.
+    pub writes: Family<WriteLabel, Counter>,
+    /// Usable connections per instance.
+    pub usable: Family<InstanceLabel, Gauge>,
+    /// Allocated connections per instance.
+    pub allocated: Family<InstanceLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("cloudsql_binder");
+        let reconciles = Family::<ControllerLabel, Counter>::default();
+        let errors = Family::<ControllerLabel, Counter>::default();
+        let durations = Family::<ControllerLabel, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.001, 2.0, 14))) as fn() -> Histogram,
+        );
+        let writes = Family::<WriteLabel, Counter>::default();
+        let usable = Family::<InstanceLabel, Gauge>::default();
+        let allocated = Family::<InstanceLabel, Gauge>::default();
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        registry.register("reconcile_errors", "Reconciles that failed", errors.clone());
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration",
+            durations.clone(),
+        );
+        registry.register(
+            "api_writes",
+            "Writes sent to the API server",
+            writes.clone(),
+        );
+        registry.register(
+            "instance_usable_connections",
+            "Connections usable by bound workloads",
+            usable.clone(),
+        );
+        registry.register(
+            "instance_allocated_connections",
+            "Connections granted to bound workloads (grant x max pods)",
+            allocated.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            errors,
+            durations,
+            writes,
+            usable,
+            allocated,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one write.
+    pub fn write(&self, controller: &str, verb: &str) {
+        self.writes
+            .get_or_create(&WriteLabel {
+                controller: controller.to_string(),
+                verb: verb.to_string(),
+            })
+            .inc();
+    }
+
+    /// Starts timing a reconcile; the duration is recorded when the guard drops.
+    pub fn reconcile_timer(&self, controller: &str) -> ReconcileTimer<'_> {
+        let label = ControllerLabel {
+            controller: controller.to_string(),
+        };
+        self.reconciles.get_or_create(&label).inc();
+        ReconcileTimer {
+            metrics: self,
+            label,
+            start: Instant::now(),
+        }
+    }
+
+    /// Total writes by every controller, as the tests read it.
+    pub fn total_writes(&self) -> u64 {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            return 0;
+        }
+        parse_total(&text, "cloudsql_binder_api_writes_total")
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Sums every sample of a counter in Prometheus text.
+pub fn parse_total(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next())
+        .filter_map(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// Records a reconcile's duration on drop.
+pub struct ReconcileTimer<'a> {
+    metrics: &'a Metrics,
+    label: ControllerLabel,
+    start: Instant,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .durations
+            .get_or_create(&self.label)
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// Readiness: true once every cache has synced.
+#[derive(Default)]
+pub struct Readiness {
+    ready: AtomicBool,
+}
+
+impl Readiness {
+    /// Marks the process ready.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+    /// Whether the process is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
+pub async fn serve_admin(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz_handler))
+        .with_state(AdminState { metrics, readiness });
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn metrics_handler(State(state): State<AdminState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+}
+
+async fn readyz_handler(State(state): State<AdminState>) -> impl IntoResponse {
+    if state.readiness.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the tracing subscriber (`RUST_LOG` filters, default `info`).
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_counted_across_labels() {
+        let metrics = Metrics::default();
+        metrics.write("binding", "apply");
+        metrics.write("binding", "apply");
+        metrics.write("instance", "apply_status");
+        assert_eq!(metrics.total_writes(), 3);
+        assert!(metrics.encode().contains("cloudsql_binder_api_writes_total"));
+    }
+}

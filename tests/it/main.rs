@@ -1,0 +1,8 @@
+//! Integration tests against a real Kubernetes control plane (etcd,
+//! kube-apiserver, kube-controller-manager built from the official Go modules).
+//! Each test works in its own namespace.
+
+mod support;
+
+mod api;
+mod foundation;

@@ -1,0 +1,235 @@
+//! Shared helpers of the integration tests: the real control plane (started
+//! through tools/cluster-up.sh when it is not up), a client, and a fresh
+//! namespace per test.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+static CLUSTER: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn install_crypto_provider() {
+    // Ignore the error: another test in this process installed it already.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Makes sure the control plane is up (starting it when it is not) and returns
+/// the path of its admin kubeconfig. Panics with the script's reason when it
+/// cannot: a test without a control plane fails, it never skips.
+pub fn kubeconfig_path() -> PathBuf {
+    let mut guard = CLUSTER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(path) = guard.as_ref() {
+        return path.clone();
+    }
+    let root = repo_root();
+    let output = Command::new("bash")
+        .arg(root.join("tools/cluster-up.sh"))
+        .output()
+        .expect("running tools/cluster-up.sh");
+    assert!(
+        output.status.success(),
+        "the control plane could not be started by tools/cluster-up.sh:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let path = std::env::var_os("CLOUDSQL_BINDER_CLUSTER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".cluster"))
+        .join("kubeconfig");
+    assert!(path.exists(), "{} was not written", path.display());
+    *guard = Some(path.clone());
+    path
+}
+
+/// A client for the control plane's admin user.
+pub async fn client() -> Client {
+    install_crypto_provider();
+    let path = kubeconfig_path();
+    client_for(&path).await
+}
+
+/// A client from a kubeconfig file.
+pub async fn client_for(path: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(path).expect("reading the kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("a valid kubeconfig");
+    Client::try_from(config).expect("building a client")
+}
+
+/// A namespace created for one test and deleted when dropped.
+pub struct TestNamespace {
+    pub name: String,
+    pub client: Client,
+}
+
+impl TestNamespace {
+    /// Creates `prefix-<random>` with the given labels and waits until its
+    /// default ServiceAccount exists (pods cannot be created before).
+    pub async fn new(prefix: &str, labels: &[(&str, &str)]) -> TestNamespace {
+        let client = client().await;
+        let name = format!("{prefix}-{:08x}", rand_suffix());
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some(name.clone());
+        ns.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("creating the test namespace");
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+        eventually(Duration::from_secs(30), "the default ServiceAccount", || {
+            let sas = sas.clone();
+            async move { sas.get_opt("default").await.ok().flatten().is_some() }
+        })
+        .await;
+        TestNamespace { name, client }
+    }
+
+    /// An `Api` of a namespaced kind in this namespace.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if std::env::var_os("KEEP_TEST_NAMESPACES").is_some() {
+            return;
+        }
+        let kubeconfig = kubeconfig_path();
+        let _ = Command::new("kubectl")
+            .env("KUBECONFIG", kubeconfig)
+            .args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"])
+            .output();
+    }
+}
+
+fn rand_suffix() -> u32 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.finish() as u32
+}
+
+/// Polls `check` until it is true, or panics after `timeout` naming `what`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Installs (server-side apply) the project's CRDs and waits until both are Established.
+pub async fn install_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in cloudsql_binder::api::crds() {
+        let name = crd.metadata.name.clone().expect("a CRD has a name");
+        crds.patch(
+            &name,
+            &PatchParams::apply("cloudsql-binder-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("applying a CRD");
+        let crds = crds.clone();
+        eventually(Duration::from_secs(30), &format!("CRD {name} Established"), || {
+            let crds = crds.clone();
+            let name = name.clone();
+            async move {
+                crds.get(&name)
+                    .await
+                    .ok()
+                    .and_then(|c| c.status)
+                    .and_then(|s| s.conditions)
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"))
+            }
+        })
+        .await;
+    }
+}
+
+/// Runs kubectl against the test control plane; returns (success, stdout, stderr).
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write;
+    let mut cmd = Command::new("kubectl");
+    cmd.env("KUBECONFIG", kubeconfig_path()).args(args);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("running kubectl");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("writing kubectl stdin");
+    } else {
+        drop(child.stdin.take());
+    }
+    let out = child.wait_with_output().expect("waiting for kubectl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Installs the Knative Serving `Service` CRD from the pinned `knative.dev/serving`
+/// Go module (no Knative controller runs) and waits until it is Established.
+pub async fn install_knative_serving_crd() {
+    let output = Command::new("bash")
+        .arg(repo_root().join("tools/knative-crd.sh"))
+        .output()
+        .expect("running tools/knative-crd.sh");
+    assert!(
+        output.status.success(),
+        "tools/knative-crd.sh failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let path = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let (ok, _, err) = kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &path], None);
+    assert!(ok, "installing the Knative Service CRD: {err}");
+    let (ok, _, err) = kubectl(
+        &["wait", "--for=condition=Established", "--timeout=60s", "crd/services.serving.knative.dev"],
+        None,
+    );
+    assert!(ok, "the Knative Service CRD did not become Established: {err}");
+}
