@@ -20,6 +20,7 @@ enum Command {
     /// Print the CloudSqlInstance and CloudSqlBinding CRDs as multi-document YAML.
     Crd,
     /// Apply bindings to workload YAML offline and print the result.
+    #[command(long_about = RENDER_LONG_ABOUT)]
     Render(RenderArgs),
     /// Run the operator: keep bound workloads injected and budgets current.
     Run(RunArgs),
@@ -77,7 +78,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Render(args) => Ok(render_command(args)),
         Command::Run(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(run_operator(args))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -138,10 +141,8 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Options of `cloudsql-binder render`.
-#[derive(clap::Args)]
-#[command(
-    long_about = "Reads multi-document YAML holding CloudSqlInstances, CloudSqlBindings and workloads \
+/// `cloudsql-binder render --help`.
+const RENDER_LONG_ABOUT: &str = "Reads multi-document YAML holding CloudSqlInstances, CloudSqlBindings and workloads \
 (Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, Pod, Knative/Cloud Run Service) and prints \
 every document back, with the injection of the bindings that select each workload applied. A binding matches \
 workloads in its own namespace (missing = default) by kind and name or label selector.\n\n\
@@ -149,8 +150,10 @@ The pool granted per pod is each binding's spec.pool.maxPerPod: offline there is
 (the operator grants from the instance's capacity; render will use the budget module once it allocates \
 offline).\n\n\
 On any error (invalid YAML, a binding whose instance is not in the input, an unknown kind, a conflict) \
-nothing is printed; each problem goes to stderr on one line and the exit status is non-zero."
-)]
+nothing is printed; each problem goes to stderr on one line and the exit status is non-zero.";
+
+/// Options of `cloudsql-binder render`.
+#[derive(clap::Args)]
 struct RenderArgs {
     /// Input file (repeatable; `-` or none: stdin).
     #[arg(short = 'f', long = "filename", value_name = "FILE")]
@@ -166,13 +169,19 @@ struct RenderArgs {
 /// `cloudsql-binder render`: I/O around `cloudsql_binder::render::render`.
 fn render_command(args: RenderArgs) -> ExitCode {
     use std::io::Read;
-    let files = if args.files.is_empty() { vec!["-".to_owned()] } else { args.files };
+    let files = if args.files.is_empty() {
+        vec!["-".to_owned()]
+    } else {
+        args.files
+    };
     let mut inputs = Vec::new();
     let mut failed = false;
     for file in files {
         let read = if file == "-" {
             let mut text = String::new();
-            std::io::stdin().read_to_string(&mut text).map(|_| ("<stdin>".to_owned(), text))
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map(|_| ("<stdin>".to_owned(), text))
         } else {
             std::fs::read_to_string(&file).map(|text| (file.clone(), text))
         };

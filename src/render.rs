@@ -9,8 +9,15 @@
 //! The grant is each binding's `spec.pool.maxPerPod`: the connection budget
 //! (which shares an instance's capacity among bindings) needs the cluster.
 //!
+//! A workload that no binding in the input selects is printed as it is (an
+//! injection it already carries stays); `--remove` takes out every injection
+//! of ours, whatever the bindings in the input. `kind: List` documents are not
+//! looked into.
+//!
 //! Documents are re-serialized: key order and values are kept, comments and
-//! empty documents are not.
+//! empty documents are not. Plain scalars are read as kubectl reads them
+//! (YAML 1.1: an unquoted `yes` is a boolean), and strings are written
+//! quoted wherever any YAML reader could take them for something else.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,7 +29,10 @@ use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::Value;
 
 use crate::api::{CloudSqlBinding, CloudSqlInstance, GROUP, VERSION, WorkloadKind};
-use crate::plan::{BindingKey, Conflict, Grant, InjectionPlan, PlanError, PodInjection, TargetCapabilities, remove_for};
+use crate::plan::{
+    BindingKey, Conflict, Grant, InjectionPlan, PlanError, PodInjection, TargetCapabilities,
+    remove_for,
+};
 
 /// How to render.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +46,10 @@ pub struct RenderOptions {
 
 impl Default for RenderOptions {
     fn default() -> Self {
-        RenderOptions { remove: false, native_sidecars: true }
+        RenderOptions {
+            remove: false,
+            native_sidecars: true,
+        }
     }
 }
 
@@ -68,7 +81,9 @@ pub enum RenderError {
         message: String,
     },
     /// A binding selects a kind no binding can select.
-    #[error("binding {binding}: spec.workloads[{index}].kind {kind:?} is not a kind a binding can select; use one of {allowed}")]
+    #[error(
+        "binding {binding}: spec.workloads[{index}].kind {kind:?} is not a kind a binding can select; use one of {allowed}"
+    )]
     UnknownKind {
         /// The binding.
         binding: BindingKey,
@@ -80,7 +95,9 @@ pub enum RenderError {
         allowed: String,
     },
     /// A binding's instance is not in the input.
-    #[error("binding {binding}: CloudSqlInstance {instance:?} (spec.instanceRef.name) is not in the input; add its YAML with another -f")]
+    #[error(
+        "binding {binding}: CloudSqlInstance {instance:?} (spec.instanceRef.name) is not in the input; add its YAML with another -f"
+    )]
     InstanceNotFound {
         /// The binding.
         binding: BindingKey,
@@ -102,7 +119,10 @@ pub enum RenderError {
 
 /// Renders `inputs` (source name, text), in order, into one multi-document
 /// YAML stream.
-pub fn render(inputs: &[(String, String)], options: &RenderOptions) -> Result<String, Vec<RenderError>> {
+pub fn render(
+    inputs: &[(String, String)],
+    options: &RenderOptions,
+) -> Result<String, Vec<RenderError>> {
     let mut errors = Vec::new();
     let mut docs = Vec::new();
     for (input, text) in inputs {
@@ -112,7 +132,7 @@ pub fn render(inputs: &[(String, String)], options: &RenderOptions) -> Result<St
                 number: i + 1,
                 node,
             })),
-            Err(error) => errors.push(error),
+            Err(mut error) => errors.append(&mut error),
         }
     }
     if !errors.is_empty() {
@@ -124,7 +144,10 @@ pub fn render(inputs: &[(String, String)], options: &RenderOptions) -> Result<St
     let mut workloads: Vec<(usize, WorkloadKind)> = Vec::new();
     for (index, doc) in docs.iter().enumerate() {
         let json = doc.node.to_json();
-        let api_version = json.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
+        let api_version = json
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let kind = json.get("kind").and_then(Value::as_str).unwrap_or_default();
         let ours = api_version == format!("{GROUP}/{VERSION}");
         match kind {
@@ -148,7 +171,9 @@ pub fn render(inputs: &[(String, String)], options: &RenderOptions) -> Result<St
 
     let mut plans: Vec<(CloudSqlBinding, InjectionPlan)> = Vec::new();
     if !options.remove {
-        let caps = TargetCapabilities { native_sidecars: options.native_sidecars };
+        let caps = TargetCapabilities {
+            native_sidecars: options.native_sidecars,
+        };
         for binding in bindings {
             let key = match BindingKey::of(&binding) {
                 Ok(key) => key,
@@ -182,15 +207,29 @@ pub fn render(inputs: &[(String, String)], options: &RenderOptions) -> Result<St
                 Ok(())
             })
         } else {
-            let meta = doc.node.to_json().get("metadata").cloned().unwrap_or(Value::Null);
-            let name = meta.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let meta = doc
+                .node
+                .to_json()
+                .get("metadata")
+                .cloned()
+                .unwrap_or(Value::Null);
+            let name = meta
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
             let namespace = namespace_of(&meta);
             let labels: BTreeMap<String, String> = meta
                 .get("labels")
                 .and_then(Value::as_object)
                 .map(|m| {
                     m.iter()
-                        .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+                        .map(|(k, v)| {
+                            (
+                                k.clone(),
+                                v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -207,12 +246,17 @@ pub fn render(inputs: &[(String, String)], options: &RenderOptions) -> Result<St
             let injection = PodInjection::new(selected);
             let workload = format!("{} {namespace}/{name}", kind.as_str());
             doc.edit_template(kind, |pod, annotations| {
-                injection.apply_for(kind, pod, annotations).map_err(|conflicts| {
-                    conflicts
-                        .into_iter()
-                        .map(|conflict| RenderError::Conflict { workload: workload.clone(), conflict })
-                        .collect()
-                })
+                injection
+                    .apply_for(kind, pod, annotations)
+                    .map_err(|conflicts| {
+                        conflicts
+                            .into_iter()
+                            .map(|conflict| RenderError::Conflict {
+                                workload: workload.clone(),
+                                conflict,
+                            })
+                            .collect()
+                    })
             })
         };
         if let Err(mut e) = result {
@@ -234,7 +278,11 @@ pub fn render(inputs: &[(String, String)], options: &RenderOptions) -> Result<St
             out.push('\n');
         }
     }
-    if errors.is_empty() { Ok(out) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
 }
 
 /// One parsed document and where it came from.
@@ -249,7 +297,10 @@ impl Document {
         let json = self.node.to_json();
         let kind = json.get("kind").and_then(Value::as_str).unwrap_or("object");
         let meta = json.get("metadata").cloned().unwrap_or(Value::Null);
-        let name = meta.get("name").and_then(Value::as_str).unwrap_or("<unnamed>");
+        let name = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("<unnamed>");
         RenderError::InvalidObject {
             input: self.input.clone(),
             document: self.number,
@@ -263,27 +314,43 @@ impl Document {
     fn edit_template(
         &mut self,
         kind: WorkloadKind,
-        edit: impl FnOnce(&mut PodSpec, &mut Option<BTreeMap<String, String>>) -> Result<(), Vec<RenderError>>,
+        edit: impl FnOnce(
+            &mut PodSpec,
+            &mut Option<BTreeMap<String, String>>,
+        ) -> Result<(), Vec<RenderError>>,
     ) -> Result<(), Vec<RenderError>> {
         let path: &[&str] = match kind {
             WorkloadKind::Pod => &[],
             WorkloadKind::CronJob => &["spec", "jobTemplate", "spec", "template"],
             _ => &["spec", "template"],
         };
-        let template = self.node.get_path(path).map(Node::to_json).unwrap_or(Value::Null);
+        let template = self
+            .node
+            .get_path(path)
+            .map(Node::to_json)
+            .unwrap_or(Value::Null);
         let Some(spec_json) = template.get("spec").filter(|s| s.is_object()) else {
-            let at = path.iter().chain(&["spec"]).copied().collect::<Vec<_>>().join(".");
-            return Err(vec![self.invalid(format!("has no pod template: {at} is missing"))]);
+            let at = path
+                .iter()
+                .chain(&["spec"])
+                .copied()
+                .collect::<Vec<_>>()
+                .join(".");
+            return Err(vec![
+                self.invalid(format!("has no pod template: {at} is missing")),
+            ]);
         };
         let mut pod: PodSpec = serde_json::from_value(spec_json.clone())
             .map_err(|e| vec![self.invalid(format!("invalid pod template spec: {e}"))])?;
-        let annotations_json = template.get("metadata").and_then(|m| m.get("annotations")).cloned();
+        let annotations_json = template
+            .get("metadata")
+            .and_then(|m| m.get("annotations"))
+            .cloned();
         let mut annotations: Option<BTreeMap<String, String>> = match annotations_json {
             None | Some(Value::Null) => None,
-            Some(value) => Some(
-                serde_json::from_value(value)
-                    .map_err(|e| vec![self.invalid(format!("pod template annotations must be strings: {e}"))])?,
-            ),
+            Some(value) => Some(serde_json::from_value(value).map_err(|e| {
+                vec![self.invalid(format!("pod template annotations must be strings: {e}"))]
+            })?),
         };
         let annotations_before = annotations.clone();
         let pod_before = pod.clone();
@@ -292,7 +359,9 @@ impl Document {
 
         let new_spec = serde_json::to_value(&pod)
             .map_err(|e| vec![self.invalid(format!("cannot write the pod template back: {e}"))])?;
-        let Some(template_node) = self.node.get_path_mut(path) else { return Ok(()) };
+        let Some(template_node) = self.node.get_path_mut(path) else {
+            return Ok(());
+        };
         if pod != pod_before {
             let spec_node = template_node.entry("spec");
             for key in ["containers", "initContainers", "volumes"] {
@@ -317,12 +386,33 @@ impl Document {
             }
         }
         if annotations != annotations_before {
+            // A template's metadata conventionally comes before its spec.
+            if template_node.get("metadata").is_none()
+                && let Node::Map(entries) = template_node
+            {
+                entries.insert(0, ("metadata".to_owned(), Node::Map(Vec::new())));
+            }
             let metadata = template_node.entry("metadata");
             match &annotations {
                 Some(map) => {
-                    let value = Value::Object(map.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect());
-                    let merged = merge_json(metadata.get("annotations"), &value);
-                    metadata.set("annotations", merged);
+                    // Exactly these keys: ours may be gone. Written order kept.
+                    let mut entries: Vec<(String, Node)> = match metadata.get("annotations") {
+                        Some(Node::Map(old)) => old
+                            .iter()
+                            .filter(|(k, _)| map.contains_key(k))
+                            .map(|(k, old_value)| {
+                                let value = Value::String(map.get(k).cloned().unwrap_or_default());
+                                (k.clone(), merge_json(Some(old_value), &value))
+                            })
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    for (k, v) in map {
+                        if !entries.iter().any(|(key, _)| key == k) {
+                            entries.push((k.clone(), Node::Str(v.clone())));
+                        }
+                    }
+                    metadata.set("annotations", Node::Map(entries));
                 }
                 None => {
                     metadata.remove("annotations");
@@ -350,16 +440,40 @@ fn one_line(message: &str) -> String {
 }
 
 /// Parses one source into its documents (empty ones skipped).
-fn parse_documents(input: &str, text: &str) -> Result<Vec<Node>, RenderError> {
+fn parse_documents(input: &str, text: &str) -> Result<Vec<Node>, Vec<RenderError>> {
     serde_saphyr::from_multiple::<Node>(text).map_err(|e| {
         let line = e.location().map_or(1, |l| l.line());
-        RenderError::Yaml {
+        vec![RenderError::Yaml {
             input: input.to_owned(),
             document: document_at_line(text, line),
             line,
-            message: one_line(&e.to_string()),
-        }
+            message: yaml_message(&e.to_string()),
+        }]
     })
+}
+
+/// The parser's message without its source snippet and repeated position,
+/// on one line.
+fn yaml_message(rendered: &str) -> String {
+    let head = rendered.split("-->").next().unwrap_or(rendered);
+    let mut message = one_line(head);
+    if let Some(rest) = message.strip_prefix("error: ") {
+        message = rest.to_owned();
+    }
+    // "line 23 column 1: ..." repeats what the error line says.
+    if message.starts_with("line ")
+        && let Some((_, rest)) = message.split_once(": ")
+    {
+        message = rest.to_owned();
+    }
+    // Advice about the parser's own options means nothing to a user.
+    if let Some((before, _)) = message.split_once(", set DuplicateKeyPolicy") {
+        message = before.to_owned();
+    }
+    if message.starts_with("duplicate mapping key") {
+        message.push_str(" (is a --- missing between two documents?)");
+    }
+    message
 }
 
 /// The 1-based number of the document holding `line` (1-based): documents
@@ -386,14 +500,28 @@ fn document_at_line(text: &str, line: u64) -> usize {
 /// Reads a binding, checking first what the CRD schema would reject, so
 /// that the messages name the field.
 fn read_binding(doc: &Document, mut json: Value) -> Result<CloudSqlBinding, Vec<RenderError>> {
-    let name = json.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let name = json
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
     let namespace = namespace_of(json.get("metadata").unwrap_or(&Value::Null));
-    let key = BindingKey { namespace: namespace.clone(), name };
+    let key = BindingKey {
+        namespace: namespace.clone(),
+        name,
+    };
     let mut errors = Vec::new();
     let allowed = WorkloadKind::ALL.map(WorkloadKind::as_str).join(", ");
-    let workloads = json.pointer("/spec/workloads").and_then(Value::as_array).cloned().unwrap_or_default();
+    let workloads = json
+        .pointer("/spec/workloads")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     for (index, workload) in workloads.iter().enumerate() {
-        let kind = workload.get("kind").and_then(Value::as_str).unwrap_or_default();
+        let kind = workload
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         if !WorkloadKind::ALL.iter().any(|k| k.as_str() == kind) {
             errors.push(RenderError::UnknownKind {
                 binding: key.clone(),
@@ -403,7 +531,9 @@ fn read_binding(doc: &Document, mut json: Value) -> Result<CloudSqlBinding, Vec<
             });
         }
         if workload.get("name").is_some() == workload.get("selector").is_some() {
-            errors.push(doc.invalid(format!("spec.workloads[{index}]: exactly one of name and selector must be set")));
+            errors.push(doc.invalid(format!(
+                "spec.workloads[{index}]: exactly one of name and selector must be set"
+            )));
         }
         for (i, expr) in workload
             .pointer("/selector/matchExpressions")
@@ -412,7 +542,10 @@ fn read_binding(doc: &Document, mut json: Value) -> Result<CloudSqlBinding, Vec<
             .flatten()
             .enumerate()
         {
-            let op = expr.get("operator").and_then(Value::as_str).unwrap_or_default();
+            let op = expr
+                .get("operator")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             if !["In", "NotIn", "Exists", "DoesNotExist"].contains(&op) {
                 errors.push(doc.invalid(format!(
                     "spec.workloads[{index}].selector.matchExpressions[{i}].operator {op:?} must be In, NotIn, Exists or DoesNotExist"
@@ -431,7 +564,12 @@ fn read_binding(doc: &Document, mut json: Value) -> Result<CloudSqlBinding, Vec<
 
 /// Whether a binding selects workload `kind` `name` with `labels` (same
 /// namespace assumed).
-fn selects(binding: &CloudSqlBinding, kind: WorkloadKind, name: &str, labels: &BTreeMap<String, String>) -> bool {
+fn selects(
+    binding: &CloudSqlBinding,
+    kind: WorkloadKind,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
     binding.spec.workloads.iter().any(|w| {
         w.kind == kind
             && match (&w.name, &w.selector) {
@@ -490,7 +628,12 @@ impl Node {
             Node::Float(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
             Node::Str(s) => Value::String(s.clone()),
             Node::Seq(items) => Value::Array(items.iter().map(Node::to_json).collect()),
-            Node::Map(entries) => Value::Object(entries.iter().map(|(k, v)| (k.clone(), v.to_json())).collect()),
+            Node::Map(entries) => Value::Object(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_json()))
+                    .collect(),
+            ),
         }
     }
 
@@ -512,7 +655,11 @@ impl Node {
                 if let Some(name) = map.get("name") {
                     entries.push(("name".to_owned(), Node::from_json(name)));
                 }
-                entries.extend(map.iter().filter(|(k, _)| *k != "name").map(|(k, v)| (k.clone(), Node::from_json(v))));
+                entries.extend(
+                    map.iter()
+                        .filter(|(k, _)| *k != "name")
+                        .map(|(k, v)| (k.clone(), Node::from_json(v))),
+                );
                 Node::Map(entries)
             }
         }
@@ -532,7 +679,9 @@ impl Node {
     fn get_path_mut(&mut self, path: &[&str]) -> Option<&mut Node> {
         let mut node = self;
         for key in path {
-            let Node::Map(entries) = node else { return None };
+            let Node::Map(entries) = node else {
+                return None;
+            };
             node = entries.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v)?;
         }
         Some(node)
@@ -572,10 +721,12 @@ impl Node {
 
     /// The key a list item is matched by across a rewrite.
     fn item_key(&self) -> Option<(&'static str, String)> {
-        ["mountPath", "name"].into_iter().find_map(|k| match self.get(k) {
-            Some(Node::Str(s)) => Some((k, s.clone())),
-            _ => None,
-        })
+        ["mountPath", "name"]
+            .into_iter()
+            .find_map(|k| match self.get(k) {
+                Some(Node::Str(s)) => Some((k, s.clone())),
+                _ => None,
+            })
     }
 }
 
@@ -590,7 +741,9 @@ fn merge_json(old: Option<&Node>, new: &Value) -> Node {
             let mut out: Vec<(String, Node)> = Vec::with_capacity(map.len());
             for (key, old_value) in entries {
                 match map.get(key) {
-                    Some(new_value) => out.push((key.clone(), merge_json(Some(old_value), new_value))),
+                    Some(new_value) => {
+                        out.push((key.clone(), merge_json(Some(old_value), new_value)))
+                    }
                     None if key == "env" || key == "volumeMounts" => {}
                     None => out.push((key.clone(), old_value.clone())),
                 }
@@ -616,11 +769,17 @@ fn merge_json(old: Option<&Node>, new: &Value) -> Node {
                 })
                 .collect(),
         ),
-        (Some(old @ (Node::Null | Node::Bool(_) | Node::Int(_) | Node::UInt(_) | Node::Float(_) | Node::Str(_))), _)
-            if scalar_eq(old, new) =>
-        {
-            old.clone()
-        }
+        (
+            Some(
+                old @ (Node::Null
+                | Node::Bool(_)
+                | Node::Int(_)
+                | Node::UInt(_)
+                | Node::Float(_)
+                | Node::Str(_)),
+            ),
+            _,
+        ) if scalar_eq(old, new) => old.clone(),
         (_, new) => Node::from_json(new),
     }
 }
@@ -729,5 +888,259 @@ impl<'de> Visitor<'de> for NodeVisitor {
             entries.push((key, value));
         }
         Ok(Node::Map(entries))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+
+    fn repo() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    fn inputs(paths: &[&Path]) -> Vec<(String, String)> {
+        paths
+            .iter()
+            .map(|p| (p.display().to_string(), std::fs::read_to_string(p).unwrap()))
+            .collect()
+    }
+
+    fn one(text: &str) -> Vec<(String, String)> {
+        vec![("input.yaml".to_owned(), text.to_owned())]
+    }
+
+    /// Options from a first-lines comment `# render: --remove --native-sidecars=false`.
+    fn options_of(text: &str) -> RenderOptions {
+        let mut options = RenderOptions::default();
+        for line in text.lines().take_while(|l| l.starts_with('#')) {
+            if let Some(flags) = line.strip_prefix("# render:") {
+                for flag in flags.split_whitespace() {
+                    match flag {
+                        "--remove" => options.remove = true,
+                        "--native-sidecars=false" => options.native_sidecars = false,
+                        "--native-sidecars=true" => options.native_sidecars = true,
+                        other => panic!("unknown flag {other} in a golden input"),
+                    }
+                }
+            }
+        }
+        options
+    }
+
+    fn rendered_or_errors(result: Result<String, Vec<RenderError>>) -> String {
+        match result {
+            Ok(yaml) => yaml,
+            Err(errors) => {
+                let mut out = "# render fails, printing nothing; stderr:\n".to_owned();
+                for e in errors {
+                    out.push_str(&format!("# {e}\n"));
+                }
+                out
+            }
+        }
+    }
+
+    fn golden_cases() -> Vec<PathBuf> {
+        let mut cases: Vec<PathBuf> = std::fs::read_dir(repo().join("tests/golden"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(".in.yaml"))
+            .collect();
+        cases.sort();
+        cases
+    }
+
+    #[test]
+    fn golden_files_match_what_render_prints() {
+        let update = std::env::var("UPDATE_GOLDEN").is_ok_and(|v| v == "1");
+        let cases = golden_cases();
+        assert!(cases.len() >= 12, "golden inputs are missing: {cases:?}");
+        let mut differing = Vec::new();
+        for case in cases {
+            let text = std::fs::read_to_string(&case).unwrap();
+            let name = case.file_name().unwrap().to_string_lossy().into_owned();
+            let actual =
+                rendered_or_errors(render(&[(name.clone(), text.clone())], &options_of(&text)));
+            let out = case.with_file_name(name.replace(".in.yaml", ".out.yaml"));
+            if update {
+                std::fs::write(&out, &actual).unwrap();
+            } else if std::fs::read_to_string(&out).unwrap_or_default() != actual {
+                differing.push(format!("{name}:\n{actual}"));
+            }
+        }
+        assert!(
+            differing.is_empty(),
+            "golden outputs differ (UPDATE_GOLDEN=1 cargo test --lib render rewrites them):\n{}",
+            differing.join("\n")
+        );
+    }
+
+    #[test]
+    fn rendering_a_rendered_file_changes_nothing_and_removing_restores_it() {
+        for case in golden_cases() {
+            let text = std::fs::read_to_string(&case).unwrap();
+            let options = options_of(&text);
+            if options.remove {
+                continue;
+            }
+            let Ok(once) = render(&one(&text), &options) else {
+                continue;
+            };
+            assert_eq!(
+                render(&one(&once), &options).unwrap(),
+                once,
+                "{}",
+                case.display()
+            );
+            let removed = render(
+                &one(&once),
+                &RenderOptions {
+                    remove: true,
+                    ..options
+                },
+            )
+            .unwrap();
+            let original = render(
+                &one(&text),
+                &RenderOptions {
+                    remove: true,
+                    ..options
+                },
+            )
+            .unwrap();
+            assert_eq!(removed, original, "{}", case.display());
+        }
+    }
+
+    #[test]
+    fn the_examples_render_and_every_workload_is_bound() {
+        let dir = repo().join("examples");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+        let out = render(&inputs(&paths), &RenderOptions::default()).unwrap();
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&out).unwrap();
+        let workloads: Vec<&Value> = docs
+            .iter()
+            .filter(|d| {
+                let api = d["apiVersion"].as_str().unwrap_or_default();
+                WorkloadKind::from_object(api, d["kind"].as_str().unwrap_or_default()).is_some()
+            })
+            .collect();
+        assert_eq!(workloads.len(), 4);
+        for w in workloads {
+            assert!(
+                w["spec"]["template"]["metadata"]["annotations"]["cloudsql.dev/config-hash"]
+                    .is_string(),
+                "{} is not injected",
+                w["metadata"]["name"]
+            );
+        }
+        // The HorizontalPodAutoscaler passes through unchanged, in place.
+        assert_eq!(docs[2]["kind"], "HorizontalPodAutoscaler");
+    }
+
+    #[test]
+    fn the_datapath_input_renders_when_present() {
+        let path = repo().join("e2e/datapath/testdata/input.yaml");
+        if path.exists() {
+            render(&inputs(&[&path]), &RenderOptions::default()).unwrap();
+        }
+    }
+
+    #[test]
+    fn invalid_yaml_names_the_document_and_the_line() {
+        let text = "apiVersion: v1\nkind: ConfigMap\n---\napiVersion: v1\nkind: [unclosed\n";
+        let errors = render(&one(text), &RenderOptions::default()).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        let message = errors[0].to_string();
+        assert!(
+            message.starts_with("input.yaml: document 2, line 5"),
+            "{message}"
+        );
+        assert!(!message.contains('\n'));
+    }
+
+    #[test]
+    fn a_binding_whose_instance_is_not_in_the_input_is_an_error() {
+        let text = "apiVersion: cloudsql.dev/v1alpha1\nkind: CloudSqlBinding\nmetadata: { name: a, namespace: shop }\nspec:\n  instanceRef: { name: nowhere }\n  workloads: [{ kind: Deployment, name: x }]\n  database: { name: d, user: u }\n";
+        let errors = render(&one(text), &RenderOptions::default()).unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            r#"binding shop/a: CloudSqlInstance "nowhere" (spec.instanceRef.name) is not in the input; add its YAML with another -f"#
+        );
+    }
+
+    #[test]
+    fn an_unknown_kind_in_a_binding_is_an_error_listing_the_kinds() {
+        let text = "apiVersion: cloudsql.dev/v1alpha1\nkind: CloudSqlBinding\nmetadata: { name: a }\nspec:\n  instanceRef: { name: orders }\n  workloads: [{ kind: Rollout, name: x }]\n  database: { name: d, user: u }\n";
+        let errors = render(&one(text), &RenderOptions::default()).unwrap_err();
+        let message = errors[0].to_string();
+        assert!(
+            message.starts_with(
+                r#"binding default/a: spec.workloads[0].kind "Rollout" is not a kind"#
+            ),
+            "{message}"
+        );
+        assert!(message.contains("Service.serving.knative.dev"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = "apiVersion: cloudsql.dev/v1alpha1\nkind: CloudSqlBinding\nmetadata: { name: a }\nspec:\n  instanceRef: { name: one }\n  workloads: [{ kind: Deployment, name: x }]\n  database: { name: d, user: u }\n---\napiVersion: cloudsql.dev/v1alpha1\nkind: CloudSqlBinding\nmetadata: { name: b }\nspec:\n  instanceRef: { name: two }\n  workloads: [{ kind: Deployment, name: x }]\n  database: { name: d, user: u }\n";
+        assert_eq!(
+            render(&one(text), &RenderOptions::default())
+                .unwrap_err()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn documents_keep_their_key_order_and_unrelated_documents_pass_through() {
+        let text = "kind: ConfigMap\napiVersion: v1\nmetadata: { name: c }\ndata:\n  z: \"1\"\n  a: \"true\"\n";
+        let out = render(&one(text), &RenderOptions::default()).unwrap();
+        assert_eq!(
+            out,
+            "---\nkind: ConfigMap\napiVersion: v1\nmetadata:\n  name: c\ndata:\n  z: \"1\"\n  a: \"true\"\n"
+        );
+    }
+
+    #[test]
+    fn selectors_follow_label_selector_semantics() {
+        let labels = BTreeMap::from([
+            ("app".to_owned(), "api".to_owned()),
+            ("tier".to_owned(), "web".to_owned()),
+        ]);
+        let selector = |json: Value| serde_json::from_value::<LabelSelector>(json).unwrap();
+        assert!(selector_matches(&selector(serde_json::json!({})), &labels));
+        assert!(selector_matches(
+            &selector(serde_json::json!({"matchLabels": {"app": "api"}})),
+            &labels
+        ));
+        assert!(!selector_matches(
+            &selector(serde_json::json!({"matchLabels": {"app": "web"}})),
+            &labels
+        ));
+        assert!(selector_matches(
+            &selector(serde_json::json!({"matchExpressions": [
+                {"key": "tier", "operator": "NotIn", "values": ["db"]},
+                {"key": "app", "operator": "Exists"},
+                {"key": "canary", "operator": "DoesNotExist"}
+            ]})),
+            &labels
+        ));
+        assert!(!selector_matches(
+            &selector(
+                serde_json::json!({"matchExpressions": [{"key": "app", "operator": "In", "values": ["x"]}]})
+            ),
+            &labels
+        ));
     }
 }

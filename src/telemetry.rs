@@ -245,7 +245,9 @@ pub enum LogFormat {
 pub fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -263,6 +265,10 @@ mod tests {
         metrics.write("binding", "apply");
         metrics.write("instance", "apply_status");
         assert_eq!(metrics.total_writes(), 3);
-        assert!(metrics.encode().contains("cloudsql_binder_api_writes_total"));
+        assert!(
+            metrics
+                .encode()
+                .contains("cloudsql_binder_api_writes_total")
+        );
     }
 }

@@ -85,7 +85,10 @@ macro_rules! template_workload {
                 let template = &self.spec.as_ref()?.template;
                 Some(TemplateView {
                     spec: template.spec.as_ref()?,
-                    annotations: template.metadata.as_ref().and_then(|m| m.annotations.as_ref()),
+                    annotations: template
+                        .metadata
+                        .as_ref()
+                        .and_then(|m| m.annotations.as_ref()),
                     labels: template.metadata.as_ref().and_then(|m| m.labels.as_ref()),
                 })
             }
@@ -106,7 +109,10 @@ impl Workload for ReplicaSet {
         let template = self.spec.as_ref()?.template.as_ref()?;
         Some(TemplateView {
             spec: template.spec.as_ref()?,
-            annotations: template.metadata.as_ref().and_then(|m| m.annotations.as_ref()),
+            annotations: template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref()),
             labels: template.metadata.as_ref().and_then(|m| m.labels.as_ref()),
         })
     }
@@ -121,7 +127,10 @@ impl Workload for Job {
         let template = &self.spec.as_ref()?.template;
         Some(TemplateView {
             spec: template.spec.as_ref()?,
-            annotations: template.metadata.as_ref().and_then(|m| m.annotations.as_ref()),
+            annotations: template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref()),
             labels: template.metadata.as_ref().and_then(|m| m.labels.as_ref()),
         })
     }
@@ -133,7 +142,10 @@ impl Workload for CronJob {
         let template = &self.spec.as_ref()?.job_template.spec.as_ref()?.template;
         Some(TemplateView {
             spec: template.spec.as_ref()?,
-            annotations: template.metadata.as_ref().and_then(|m| m.annotations.as_ref()),
+            annotations: template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref()),
             labels: template.metadata.as_ref().and_then(|m| m.labels.as_ref()),
         })
     }
@@ -164,7 +176,10 @@ impl Workload for KnativeService {
 
 /// Whether a label selector matches a label set (matchLabels and
 /// matchExpressions, with Kubernetes semantics; an empty selector matches all).
-pub fn selector_matches(selector: &LabelSelector, labels: Option<&BTreeMap<String, String>>) -> bool {
+pub fn selector_matches(
+    selector: &LabelSelector,
+    labels: Option<&BTreeMap<String, String>>,
+) -> bool {
     let empty = BTreeMap::new();
     let labels = labels.unwrap_or(&empty);
     let labels_ok = selector
@@ -193,7 +208,10 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -213,11 +231,21 @@ mod tests {
                 },
             ]),
         };
-        assert!(selector_matches(&selector, Some(&labels(&[("app", "orders"), ("tier", "api")]))));
-        assert!(!selector_matches(&selector, Some(&labels(&[("app", "orders"), ("tier", "web")]))));
+        assert!(selector_matches(
+            &selector,
+            Some(&labels(&[("app", "orders"), ("tier", "api")]))
+        ));
         assert!(!selector_matches(
             &selector,
-            Some(&labels(&[("app", "orders"), ("tier", "api"), ("canary", "1")]))
+            Some(&labels(&[("app", "orders"), ("tier", "web")]))
+        ));
+        assert!(!selector_matches(
+            &selector,
+            Some(&labels(&[
+                ("app", "orders"),
+                ("tier", "api"),
+                ("canary", "1")
+            ]))
         ));
         assert!(!selector_matches(&selector, None));
         assert!(selector_matches(&LabelSelector::default(), None));

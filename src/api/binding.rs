@@ -1,5 +1,9 @@
 //! `CloudSqlBinding`: an application team binds its workloads to an instance.
 
+// Several `printcolumn(...)` attributes repeat `type_ = "string"`; they are
+// distinct columns, not duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
@@ -20,6 +24,7 @@ const ENV_NAME_MESSAGE: &str =
     kind = "CloudSqlBinding",
     namespaced,
     shortname = "sqlbinding",
+    shortname = "sqlbindings",
     category = "cloudsql",
     status = "CloudSqlBindingStatus",
     derive = "PartialEq",
@@ -102,7 +107,19 @@ pub struct WorkloadSelector {
 }
 
 /// The workload kinds a binding can select.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    schemars::JsonSchema,
+    Serialize,
+    Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+)]
 pub enum WorkloadKind {
     /// apps/v1 Deployment.
     Deployment,
@@ -192,7 +209,9 @@ impl std::fmt::Display for WorkloadKind {
 }
 
 /// How the app reaches the instance.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default,
+)]
 pub enum Mode {
     /// The Cloud SQL Auth Proxy runs as a sidecar.
     #[default]
@@ -219,7 +238,9 @@ pub struct DatabaseSpec {
 }
 
 /// Which IP of the instance to connect to.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default,
+)]
 pub enum Network {
     /// The public IP.
     #[default]
@@ -260,7 +281,9 @@ pub struct ProxySpec {
 }
 
 /// The proxy's listener.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default,
+)]
 pub enum Socket {
     /// A Unix socket on a shared in-memory volume at `/cloudsql`.
     #[default]
@@ -271,7 +294,9 @@ pub enum Socket {
 }
 
 /// How the proxy runs beside the app.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default,
+)]
 pub enum SidecarMode {
     /// Native when supported, else a regular container.
     #[default]

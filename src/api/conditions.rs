@@ -70,9 +70,25 @@ mod tests {
         let t0: Timestamp = "2026-01-01T00:00:00Z".parse().expect("valid time");
         let t1: Timestamp = "2026-01-02T00:00:00Z".parse().expect("valid time");
         let first = condition(&[], "Ready", true, "Bound", "ok", Some(1), t0);
-        let again = condition(&[first.clone()], "Ready", true, "Bound", "still ok", Some(2), t1);
+        let again = condition(
+            std::slice::from_ref(&first),
+            "Ready",
+            true,
+            "Bound",
+            "still ok",
+            Some(2),
+            t1,
+        );
         assert_eq!(again.last_transition_time, first.last_transition_time);
-        let flipped = condition(&[first], "Ready", false, "InstanceNotFound", "gone", Some(2), t1);
+        let flipped = condition(
+            &[first],
+            "Ready",
+            false,
+            "InstanceNotFound",
+            "gone",
+            Some(2),
+            t1,
+        );
         assert_eq!(flipped.last_transition_time, Time(t1));
     }
 }

@@ -1,13 +1,16 @@
 //! `CloudSqlInstance`: one Cloud SQL instance, declared once by a platform team.
 
+// Several `printcolumn(...)` attributes repeat `type_ = "string"`; they are
+// distinct columns, not duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 /// CEL pattern of a connection name: `PROJECT:REGION:INSTANCE`, where a legacy
 /// project id may carry a domain prefix (`example.com:proj:us-central1:db`).
-pub const CONNECTION_NAME_PATTERN: &str =
-    "^([a-z0-9][a-z0-9.-]*[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]:[a-z]+-[a-z]+[0-9]+:[a-z][a-z0-9-]{0,97}$";
+pub const CONNECTION_NAME_PATTERN: &str = "^([a-z0-9][a-z0-9.-]*[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]:[a-z]+-[a-z]+[0-9]+:[a-z][a-z0-9-]{0,97}$";
 
 /// A Cloud SQL instance that workloads in this cluster may bind to.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -16,17 +19,51 @@ pub const CONNECTION_NAME_PATTERN: &str =
     version = "v1alpha1",
     kind = "CloudSqlInstance",
     shortname = "sqlinstance",
+    shortname = "sqlinstances",
     category = "cloudsql",
     status = "CloudSqlInstanceStatus",
     derive = "PartialEq",
     doc = "A Cloud SQL instance that workloads in this cluster may bind to, with the connection capacity the operator shares among its bindings.",
-    printcolumn(name = "Connection", type_ = "string", json_path = ".spec.connectionName", description = "PROJECT:REGION:INSTANCE"),
-    printcolumn(name = "Version", type_ = "string", json_path = ".status.databaseVersion", description = "Database engine and version"),
-    printcolumn(name = "Capacity", type_ = "integer", json_path = ".status.capacity.usable", description = "Connections usable by bound workloads (max - reserved - external)"),
-    printcolumn(name = "Allocated", type_ = "integer", json_path = ".status.allocated", description = "Sum over bindings of granted per-pod pool x max pods"),
-    printcolumn(name = "Bindings", type_ = "integer", json_path = ".status.bindings", description = "Bindings that refer to this instance"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Connection",
+        type_ = "string",
+        json_path = ".spec.connectionName",
+        description = "PROJECT:REGION:INSTANCE"
+    ),
+    printcolumn(
+        name = "Version",
+        type_ = "string",
+        json_path = ".status.databaseVersion",
+        description = "Database engine and version"
+    ),
+    printcolumn(
+        name = "Capacity",
+        type_ = "integer",
+        json_path = ".status.capacity.usable",
+        description = "Connections usable by bound workloads (max - reserved - external)"
+    ),
+    printcolumn(
+        name = "Allocated",
+        type_ = "integer",
+        json_path = ".status.allocated",
+        description = "Sum over bindings of granted per-pod pool x max pods"
+    ),
+    printcolumn(
+        name = "Bindings",
+        type_ = "integer",
+        json_path = ".status.bindings",
+        description = "Bindings that refer to this instance"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct CloudSqlInstanceSpec {
@@ -107,7 +144,9 @@ fn default_reserved_connections() -> i32 {
 }
 
 /// Where the operator learns about the instance.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default,
+)]
 pub enum Discovery {
     /// Ask the Cloud SQL Admin API (`instances.get`).
     #[default]

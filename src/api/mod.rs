@@ -14,8 +14,8 @@ pub use binding::*;
 pub use conditions::*;
 pub use instance::*;
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 /// The API group of both kinds.
 pub const GROUP: &str = "cloudsql.dev";

@@ -22,13 +22,13 @@ use tracing::{debug, info, instrument};
 
 use super::subset;
 use super::world::{Eligibility, Outcome, WorkloadId, binding_key};
-use crate::plan::INJECTED_ANNOTATION;
 use super::{Context, Error};
 use crate::api::{
-    BoundInstance, CloudSqlBinding, CloudSqlBindingStatus, FIELD_MANAGER, PoolStatus, WorkloadKind, WorkloadStatus,
-    condition, condition_type, conditions_equivalent,
+    BoundInstance, CloudSqlBinding, CloudSqlBindingStatus, FIELD_MANAGER, PoolStatus, WorkloadKind,
+    WorkloadStatus, condition, condition_type, conditions_equivalent,
 };
 use crate::budget::CapacityResolution;
+use crate::plan::INJECTED_ANNOTATION;
 
 /// The finalizer that lets a deleted binding take its injection out first.
 pub const FINALIZER: &str = "cloudsql.dev/cleanup";
@@ -43,13 +43,13 @@ pub async fn reconcile(binding: Arc<CloudSqlBinding>, ctx: Arc<Context>) -> Resu
         return Ok(Action::await_change());
     }
     // Eligibility and grants read the instances: wait for their cache.
-    let _ = ctx.stores.instances.wait_until_ready().await;
+    super::store_ready(&ctx.stores.instances).await;
     let _timer = ctx.metrics.reconcile_timer("binding");
     let api: Api<CloudSqlBinding> = Api::namespaced(ctx.client.clone(), &ns);
-    let adds_finalizer =
-        binding.metadata.deletion_timestamp.is_none() && !binding.finalizers().iter().any(|f| f == FINALIZER);
-    let removes_finalizer =
-        binding.metadata.deletion_timestamp.is_some() && binding.finalizers().iter().any(|f| f == FINALIZER);
+    let adds_finalizer = binding.metadata.deletion_timestamp.is_none()
+        && !binding.finalizers().iter().any(|f| f == FINALIZER);
+    let removes_finalizer = binding.metadata.deletion_timestamp.is_some()
+        && binding.finalizers().iter().any(|f| f == FINALIZER);
     let result = finalizer(&api, FINALIZER, binding, |event| async {
         match event {
             Finalizer::Apply(b) => apply(b, &ctx).await,
@@ -61,7 +61,8 @@ pub async fn reconcile(binding: Arc<CloudSqlBinding>, ctx: Arc<Context>) -> Resu
         ctx.metrics.write("binding", "finalizer");
     }
     result.map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer {
             object: "CloudSqlBinding".into(),
             message: other.to_string(),
@@ -89,7 +90,10 @@ struct WorkloadResult {
 
 /// The workloads to look at: those selected now, and those listed in status
 /// (which may need their injection taken out).
-fn workloads_to_sync(binding: &CloudSqlBinding, ctx: &Context) -> (BTreeSet<WorkloadId>, BTreeSet<WorkloadId>) {
+fn workloads_to_sync(
+    binding: &CloudSqlBinding,
+    ctx: &Context,
+) -> (BTreeSet<WorkloadId>, BTreeSet<WorkloadId>) {
     let ns = binding.namespace().unwrap_or_default();
     let selected: BTreeSet<WorkloadId> = ctx.stores.selected(binding).into_iter().collect();
     let mut all = selected.clone();
@@ -125,7 +129,12 @@ fn object_reference(id: &WorkloadId) -> ObjectReference {
 
 /// Brings one workload's template to what every binding on it wants, and
 /// reports what that means for `key` (the binding being reconciled).
-async fn sync_workload(id: WorkloadId, key: &str, exclude: Option<&str>, ctx: &Context) -> Result<WorkloadStatus, Error> {
+async fn sync_workload(
+    id: WorkloadId,
+    key: &str,
+    exclude: Option<&str>,
+    ctx: &Context,
+) -> Result<WorkloadStatus, Error> {
     let mut status = WorkloadStatus {
         kind: id.kind.as_str().to_string(),
         name: id.name.clone(),
@@ -140,10 +149,14 @@ async fn sync_workload(id: WorkloadId, key: &str, exclude: Option<&str>, ctx: &C
         return Ok(status);
     }
     let computed = ctx.stores.with_template(&id, |meta, template, current| {
-        let desire = ctx.stores.desire(&id, meta.labels.as_ref(), template, ctx.caps, exclude);
+        let desire = ctx
+            .stores
+            .desire(&id, meta.labels.as_ref(), template, ctx.caps, exclude);
         let mut spec = template.spec.clone();
         let mut annotations = template.annotations.cloned();
-        let applied = desire.injection.apply_for(id.kind, &mut spec, &mut annotations);
+        let applied = desire
+            .injection
+            .apply_for(id.kind, &mut spec, &mut annotations);
         let hash = annotations
             .as_ref()
             .and_then(|a| a.get(crate::api::CONFIG_HASH_ANNOTATION).cloned());
@@ -156,10 +169,14 @@ async fn sync_workload(id: WorkloadId, key: &str, exclude: Option<&str>, ctx: &C
         );
         // Unchanged when what we would apply is already there (server
         // defaults aside) and our record of what we own is the same.
-        let record = |a: Option<&BTreeMap<String, String>>| a.and_then(|a| a.get(INJECTED_ANNOTATION).cloned());
+        let record = |a: Option<&BTreeMap<String, String>>| {
+            a.and_then(|a| a.get(INJECTED_ANNOTATION).cloned())
+        };
         let unchanged = applied.is_ok()
             && record(annotations.as_ref()) == record(template.annotations)
-            && partial.as_ref().is_ok_and(|p| subset::contains(&current, p));
+            && partial
+                .as_ref()
+                .is_ok_and(|p| subset::contains(&current, p));
         let had_injection = desire_is_empty_removal(template.annotations);
         (desire, (!unchanged).then_some(partial), hash, had_injection)
     });
@@ -169,18 +186,28 @@ async fn sync_workload(id: WorkloadId, key: &str, exclude: Option<&str>, ctx: &C
         return Ok(status);
     };
     if let Some(partial) = partial {
-        let partial = partial.map_err(|conflicts| Error::CleanupPending(format!(
-            "{id}: {}",
-            conflicts.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
-        )))?;
+        let partial = partial.map_err(|conflicts| {
+            Error::CleanupPending(format!(
+                "{id}: {}",
+                conflicts
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))
+        })?;
         let api: Api<DynamicObject> =
             Api::namespaced_with(ctx.client.clone(), &id.namespace, &api_resource(id.kind));
-        api.patch(&id.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&partial))
-            .await
-            .map_err(|source| Error::Kube {
-                action: format!("applying the injection to {id}"),
-                source,
-            })?;
+        api.patch(
+            &id.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&partial),
+        )
+        .await
+        .map_err(|source| Error::Kube {
+            action: format!("applying the injection to {id}"),
+            source,
+        })?;
         ctx.metrics.write("binding", "apply");
         let (reason, note) = if desire.injection.is_empty() {
             ("Cleaned", "removed the Cloud SQL injection".to_string())
@@ -200,7 +227,7 @@ async fn sync_workload(id: WorkloadId, key: &str, exclude: Option<&str>, ctx: &C
                 ),
             )
         };
-        if !(desire.injection.is_empty() && !had_injection) {
+        if !desire.injection.is_empty() || had_injection {
             publish(ctx, &object_reference(&id), EventType::Normal, reason, note).await;
         }
         info!(workload = %id, reason, "applied");
@@ -227,7 +254,13 @@ fn desire_is_empty_removal(annotations: Option<&BTreeMap<String, String>>) -> bo
     annotations.is_some_and(|a| a.contains_key(crate::api::CONFIG_HASH_ANNOTATION))
 }
 
-async fn publish(ctx: &Context, reference: &ObjectReference, type_: EventType, reason: &str, note: String) {
+async fn publish(
+    ctx: &Context,
+    reference: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let event = Event {
         type_,
         reason: reason.into(),
@@ -240,7 +273,11 @@ async fn publish(ctx: &Context, reference: &ObjectReference, type_: EventType, r
     }
 }
 
-async fn sync_all(binding: &CloudSqlBinding, exclude: Option<&str>, ctx: &Context) -> Result<Vec<WorkloadResult>, Error> {
+async fn sync_all(
+    binding: &CloudSqlBinding,
+    exclude: Option<&str>,
+    ctx: &Context,
+) -> Result<Vec<WorkloadResult>, Error> {
     let key = binding_key(binding);
     let (selected, all) = workloads_to_sync(binding, ctx);
     let results: Vec<Result<WorkloadResult, Error>> = futures::stream::iter(all)
@@ -249,7 +286,11 @@ async fn sync_all(binding: &CloudSqlBinding, exclude: Option<&str>, ctx: &Contex
             let selected = selected.contains(&id);
             async move {
                 let status = sync_workload(id.clone(), &key, exclude, ctx).await?;
-                Ok(WorkloadResult { id, selected, status })
+                Ok(WorkloadResult {
+                    id,
+                    selected,
+                    status,
+                })
             }
         })
         .buffer_unordered(WORKLOAD_CONCURRENCY)
@@ -301,16 +342,48 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
             );
             status.instance = previous.instance.clone();
             status.pool = previous.pool.clone();
-            conditions.push(condition(prev_conditions, condition_type::READY, false, "InstanceNotFound", &message, generation, now));
-            conditions.push(condition(prev_conditions, condition_type::INSTANCE_RESOLVED, false, "InstanceNotFound", &message, generation, now));
+            conditions.push(condition(
+                prev_conditions,
+                condition_type::READY,
+                false,
+                "InstanceNotFound",
+                &message,
+                generation,
+                now,
+            ));
+            conditions.push(condition(
+                prev_conditions,
+                condition_type::INSTANCE_RESOLVED,
+                false,
+                "InstanceNotFound",
+                &message,
+                generation,
+                now,
+            ));
             events.push((EventType::Warning, "InstanceNotFound", message));
         }
         Eligibility::NamespaceNotAllowed(_) => {
             let message = format!(
                 "CloudSqlInstance {instance_name:?} does not allow bindings from namespace {ns:?} (spec.allowedNamespaces); nothing is injected"
             );
-            conditions.push(condition(prev_conditions, condition_type::READY, false, "NamespaceNotAllowed", &message, generation, now));
-            conditions.push(condition(prev_conditions, condition_type::INSTANCE_RESOLVED, false, "NamespaceNotAllowed", &message, generation, now));
+            conditions.push(condition(
+                prev_conditions,
+                condition_type::READY,
+                false,
+                "NamespaceNotAllowed",
+                &message,
+                generation,
+                now,
+            ));
+            conditions.push(condition(
+                prev_conditions,
+                condition_type::INSTANCE_RESOLVED,
+                false,
+                "NamespaceNotAllowed",
+                &message,
+                generation,
+                now,
+            ));
             events.push((EventType::Warning, "NamespaceNotAllowed", message));
         }
         Eligibility::Deleting => return Ok(Action::await_change()),
@@ -328,13 +401,18 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
                 condition_type::INSTANCE_RESOLVED,
                 true,
                 "Resolved",
-                format!("bound to {} ({})", instance_name, instance.spec.connection_name),
+                format!(
+                    "bound to {} ({})",
+                    instance_name, instance.spec.connection_name
+                ),
                 generation,
                 now,
             ));
 
             // Pool arithmetic.
-            let capacity = ctx.stores.capacity(&instance, ctx.stores.discovered(&instance));
+            let capacity = ctx
+                .stores
+                .capacity(&instance, ctx.stores.discovered(&instance));
             let budget = ctx.stores.budget(&instance, &capacity);
             let grant = ctx.stores.grant(&binding, &instance).per_pod;
             let max_pods = budget.max_pods.get(&key).copied().unwrap_or(0);
@@ -349,13 +427,25 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
             let budget_condition = match (&capacity, &budget.allocation) {
                 (Ok(CapacityResolution::Known(c)), Some(a)) if a.fits => {
                     let connections = u64::from(grant) * u64::from(max_pods);
-                    let reason = if i64::from(grant) >= requested { "Fits" } else { "Shared" };
+                    let reason = if i64::from(grant) >= requested {
+                        "Fits"
+                    } else {
+                        "Shared"
+                    };
                     let message = format!(
                         "{grant} connections per pod x {max_pods} pods = {connections}; {instance_name}: {} of {} usable allocated",
                         a.allocated,
                         c.usable()
                     );
-                    condition(prev_conditions, condition_type::BUDGET_FITS, true, reason, message, generation, now)
+                    condition(
+                        prev_conditions,
+                        condition_type::BUDGET_FITS,
+                        true,
+                        reason,
+                        message,
+                        generation,
+                        now,
+                    )
                 }
                 (Ok(CapacityResolution::Known(c)), Some(a)) => {
                     let message = format!(
@@ -364,49 +454,130 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
                         c.usable()
                     );
                     events.push((EventType::Warning, "Overcommitted", message.clone()));
-                    condition(prev_conditions, condition_type::BUDGET_FITS, false, "Overcommitted", message, generation, now)
+                    condition(
+                        prev_conditions,
+                        condition_type::BUDGET_FITS,
+                        false,
+                        "Overcommitted",
+                        message,
+                        generation,
+                        now,
+                    )
                 }
                 (Ok(CapacityResolution::Unknown(why)), _) => {
                     let message = format!("{why}; granted minPerPod {grant}");
-                    condition(prev_conditions, condition_type::BUDGET_FITS, false, "CapacityUnknown", message, generation, now)
+                    condition(
+                        prev_conditions,
+                        condition_type::BUDGET_FITS,
+                        false,
+                        "CapacityUnknown",
+                        message,
+                        generation,
+                        now,
+                    )
                 }
                 (Ok(CapacityResolution::Known(_)), None) => {
-                    let message = format!("the bindings of {instance_name} could not be allocated; granted minPerPod {grant}");
-                    condition(prev_conditions, condition_type::BUDGET_FITS, false, "CapacityUnknown", message, generation, now)
+                    let message = format!(
+                        "the bindings of {instance_name} could not be allocated; granted minPerPod {grant}"
+                    );
+                    condition(
+                        prev_conditions,
+                        condition_type::BUDGET_FITS,
+                        false,
+                        "CapacityUnknown",
+                        message,
+                        generation,
+                        now,
+                    )
                 }
                 (Err(why), _) => {
-                    let message = format!("the capacity of {instance_name} could not be resolved: {why}; granted minPerPod {grant}");
-                    condition(prev_conditions, condition_type::BUDGET_FITS, false, "CapacityUnknown", message, generation, now)
+                    let message = format!(
+                        "the capacity of {instance_name} could not be resolved: {why}; granted minPerPod {grant}"
+                    );
+                    condition(
+                        prev_conditions,
+                        condition_type::BUDGET_FITS,
+                        false,
+                        "CapacityUnknown",
+                        message,
+                        generation,
+                        now,
+                    )
                 }
             };
             conditions.push(budget_condition);
 
             // Workloads.
             let problems: Vec<&WorkloadStatus> = workloads.iter().filter(|w| !w.injected).collect();
-            let conflict = problems.iter().find(|w| w.reason.as_deref() == Some("Conflict"));
+            let conflict = problems
+                .iter()
+                .find(|w| w.reason.as_deref() == Some("Conflict"));
             let (bound, reason, message) = if matched == 0 {
-                (false, "NoWorkloads", "no workload matches spec.workloads in this namespace".to_string())
+                (
+                    false,
+                    "NoWorkloads",
+                    "no workload matches spec.workloads in this namespace".to_string(),
+                )
             } else if let Some(w) = conflict {
-                (false, "Conflict", format!("{} {}: {}", w.kind, w.name, w.message.clone().unwrap_or_default()))
+                (
+                    false,
+                    "Conflict",
+                    format!(
+                        "{} {}: {}",
+                        w.kind,
+                        w.name,
+                        w.message.clone().unwrap_or_default()
+                    ),
+                )
             } else if let Some(w) = problems.first() {
                 (
                     false,
-                    w.reason.clone().map(|r| if r == "NeedsAdmission" { "NeedsAdmission" } else { "NotInjected" }).unwrap_or("NotInjected"),
-                    format!("{} {}: {}", w.kind, w.name, w.message.clone().unwrap_or_default()),
+                    w.reason
+                        .clone()
+                        .map(|r| {
+                            if r == "NeedsAdmission" {
+                                "NeedsAdmission"
+                            } else {
+                                "NotInjected"
+                            }
+                        })
+                        .unwrap_or("NotInjected"),
+                    format!(
+                        "{} {}: {}",
+                        w.kind,
+                        w.name,
+                        w.message.clone().unwrap_or_default()
+                    ),
                 )
             } else {
-                (true, "Injected", format!("{injected} of {matched} workloads injected"))
+                (
+                    true,
+                    "Injected",
+                    format!("{injected} of {matched} workloads injected"),
+                )
             };
             if reason == "Conflict" {
                 events.push((EventType::Warning, "Conflict", message.clone()));
             }
-            conditions.push(condition(prev_conditions, condition_type::WORKLOADS_BOUND, bound, reason, &message, generation, now));
+            conditions.push(condition(
+                prev_conditions,
+                condition_type::WORKLOADS_BOUND,
+                bound,
+                reason,
+                &message,
+                generation,
+                now,
+            ));
             conditions.push(condition(
                 prev_conditions,
                 condition_type::READY,
                 bound,
                 if bound { "Bound" } else { reason },
-                if bound { format!("{injected} workloads injected; {grant} connections per pod") } else { message },
+                if bound {
+                    format!("{injected} workloads injected; {grant} connections per pod")
+                } else {
+                    message
+                },
                 generation,
                 now,
             ));
@@ -422,16 +593,21 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
             "kind": "CloudSqlBinding",
             "status": status,
         });
-        api.patch_status(&binding.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-            .await
-            .map_err(|source| Error::Kube {
-                action: format!("writing the status of binding {key}"),
-                source,
-            })?;
+        api.patch_status(
+            &binding.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::Kube {
+            action: format!("writing the status of binding {key}"),
+            source,
+        })?;
         ctx.metrics.write("binding", "apply_status");
         // Events only on a change of the Ready reason, so an idle cluster sees none.
         let ready_reason = |cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
-            crate::api::find_condition(cs, condition_type::READY).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+            crate::api::find_condition(cs, condition_type::READY)
+                .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
         };
         let budget_reason = |cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
             crate::api::find_condition(cs, condition_type::BUDGET_FITS).map(|c| c.reason.clone())
@@ -465,7 +641,10 @@ fn status_equivalent(a: &CloudSqlBindingStatus, b: &CloudSqlBindingStatus) -> bo
 async fn cleanup(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, Error> {
     let key = binding_key(&binding);
     let results = sync_all(&binding, Some(&key), ctx).await?;
-    let cleaned = results.iter().filter(|r| r.id.kind.has_mutable_template()).count();
+    let cleaned = results
+        .iter()
+        .filter(|r| r.id.kind.has_mutable_template())
+        .count();
     publish(
         ctx,
         &binding.object_ref(&()),

@@ -17,18 +17,32 @@ use tracing::instrument;
 use super::world::{Eligibility, binding_key};
 use super::{Context, Error};
 use crate::api::{
-    CapacityStatus, CloudSqlInstance, CloudSqlInstanceStatus, FIELD_MANAGER, condition, condition_type,
-    conditions_equivalent, find_condition,
+    CapacityStatus, CloudSqlInstance, CloudSqlInstanceStatus, FIELD_MANAGER, condition,
+    condition_type, conditions_equivalent, find_condition,
 };
 use crate::budget::CapacityResolution;
 use crate::telemetry::InstanceLabel;
 
 #[instrument(skip_all, fields(instance = %instance.name_any()))]
-pub async fn reconcile(instance: Arc<CloudSqlInstance>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(
+    instance: Arc<CloudSqlInstance>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     // The budget counts bindings: never compute it from a half-filled cache.
-    let _ = ctx.stores.bindings.wait_until_ready().await;
-    let _timer = ctx.metrics.reconcile_timer("instance");
+    super::store_ready(&ctx.stores.bindings).await;
     let name = instance.name_any();
+    // An operator limited to some namespaces manages only the instances its
+    // namespaces bind to (another operator manages the rest).
+    if !ctx.options.namespaces.is_empty()
+        && !ctx
+            .stores
+            .bindings_of(&name)
+            .iter()
+            .any(|b| ctx.watches_namespace(&b.namespace().unwrap_or_default()))
+    {
+        return Ok(Action::await_change());
+    }
+    let _timer = ctx.metrics.reconcile_timer("instance");
     let generation = instance.metadata.generation;
     let now = Timestamp::now();
     let previous = instance.status.clone().unwrap_or_default();
@@ -79,17 +93,35 @@ pub async fn reconcile(instance: Arc<CloudSqlInstance>, ctx: Arc<Context>) -> Re
             ));
             ctx.metrics
                 .usable
-                .get_or_create(&InstanceLabel { instance: name.clone() })
+                .get_or_create(&InstanceLabel {
+                    instance: name.clone(),
+                })
                 .set(i64::from(c.usable()));
         }
         Ok(CapacityResolution::Unknown(why)) => {
             let message = format!("{why}; bindings are granted their minPerPod");
-            conditions.push(condition(prev, condition_type::CAPACITY_KNOWN, false, why.reason(), &message, generation, now));
+            conditions.push(condition(
+                prev,
+                condition_type::CAPACITY_KNOWN,
+                false,
+                why.reason(),
+                &message,
+                generation,
+                now,
+            ));
             warning = Some(("CapacityUnknown", message));
         }
         Err(why) => {
             let message = format!("{why}; bindings are granted their minPerPod");
-            conditions.push(condition(prev, condition_type::CAPACITY_KNOWN, false, "InvalidCapacity", &message, generation, now));
+            conditions.push(condition(
+                prev,
+                condition_type::CAPACITY_KNOWN,
+                false,
+                "InvalidCapacity",
+                &message,
+                generation,
+                now,
+            ));
             warning = Some(("CapacityUnknown", message));
         }
     }
@@ -97,7 +129,9 @@ pub async fn reconcile(instance: Arc<CloudSqlInstance>, ctx: Arc<Context>) -> Re
         status.allocated = Some(i64::try_from(a.allocated).unwrap_or(i64::MAX));
         ctx.metrics
             .allocated
-            .get_or_create(&InstanceLabel { instance: name.clone() })
+            .get_or_create(&InstanceLabel {
+                instance: name.clone(),
+            })
             .set(i64::try_from(a.allocated).unwrap_or(i64::MAX));
         if a.fits {
             conditions.push(condition(
@@ -120,7 +154,15 @@ pub async fn reconcile(instance: Arc<CloudSqlInstance>, ctx: Arc<Context>) -> Re
                 "minimum pools need {} connections; {name} has {} usable",
                 a.needed_min, a.usable
             );
-            conditions.push(condition(prev, condition_type::BUDGET_FITS, false, "Overcommitted", &message, generation, now));
+            conditions.push(condition(
+                prev,
+                condition_type::BUDGET_FITS,
+                false,
+                "Overcommitted",
+                &message,
+                generation,
+                now,
+            ));
             warning = Some(("Overcommitted", message));
         }
     }
@@ -128,10 +170,26 @@ pub async fn reconcile(instance: Arc<CloudSqlInstance>, ctx: Arc<Context>) -> Re
     let fits = budget.allocation.as_ref().is_some_and(|a| a.fits);
     let (ready, reason, message) = match (capacity_ok, fits) {
         (true, true) => (true, "Ready", format!("{} bindings", status.bindings)),
-        (false, _) => (false, "CapacityUnknown", "the capacity is unknown".to_string()),
-        (true, false) => (false, "Overcommitted", "the minimum pools of the bindings do not fit".to_string()),
+        (false, _) => (
+            false,
+            "CapacityUnknown",
+            "the capacity is unknown".to_string(),
+        ),
+        (true, false) => (
+            false,
+            "Overcommitted",
+            "the minimum pools of the bindings do not fit".to_string(),
+        ),
     };
-    conditions.push(condition(prev, condition_type::READY, ready, reason, message, generation, now));
+    conditions.push(condition(
+        prev,
+        condition_type::READY,
+        ready,
+        reason,
+        message,
+        generation,
+        now,
+    ));
     status.conditions = conditions;
 
     if !status_equivalent(&previous, &status) {
@@ -141,12 +199,16 @@ pub async fn reconcile(instance: Arc<CloudSqlInstance>, ctx: Arc<Context>) -> Re
             "kind": "CloudSqlInstance",
             "status": status,
         });
-        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-            .await
-            .map_err(|source| Error::Kube {
-                action: format!("writing the status of instance {name}"),
-                source,
-            })?;
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::Kube {
+            action: format!("writing the status of instance {name}"),
+            source,
+        })?;
         ctx.metrics.write("instance", "apply_status");
         let reason_of = |cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
             find_condition(cs, condition_type::READY).map(|c| c.reason.clone())
@@ -161,7 +223,12 @@ pub async fn reconcile(instance: Arc<CloudSqlInstance>, ctx: Arc<Context>) -> Re
                 action: "Budget".into(),
                 secondary: None,
             };
-            if ctx.recorder.publish(&event, &instance.object_ref(&())).await.is_ok() {
+            if ctx
+                .recorder
+                .publish(&event, &instance.object_ref(&()))
+                .await
+                .is_ok()
+            {
                 ctx.metrics.write("instance", "event");
             }
         }

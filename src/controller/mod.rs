@@ -98,14 +98,28 @@ fn trim<K: Resource>(obj: &mut K) {
 
 /// A reflector for `K` whose store the controllers read; returns the store and
 /// the stream of touched objects (to map into reconcile triggers).
-fn reflect<K>(api: Api<K>) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send)
+fn reflect<K>(
+    api: Api<K>,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send,
+)
 where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, watcher::Config::default().any_semantic()).modify(trim))
-        .default_backoff()
-        .touched_objects();
+    let stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default().any_semantic()).modify(trim),
+    )
+    .default_backoff()
+    .touched_objects();
     (reader, stream)
 }
 
@@ -150,7 +164,13 @@ fn spawn_workload_mapper<K, S>(
                 Ok(obj) => {
                     let ns = obj.namespace().unwrap_or_default();
                     let labels = obj.meta().labels.clone();
-                    for r in bindings_for_workload(&stores, K::KIND, &ns, &obj.name_any(), labels.as_ref()) {
+                    for r in bindings_for_workload(
+                        &stores,
+                        K::KIND,
+                        &ns,
+                        &obj.name_any(),
+                        labels.as_ref(),
+                    ) {
                         let _ = tx.send(r);
                     }
                 }
@@ -167,12 +187,21 @@ fn spawn_metadata_reflector<K>(
     on_change: impl Fn(&kube::api::PartialObjectMeta<K>) + Send + 'static,
 ) -> Store<kube::api::PartialObjectMeta<K>>
 where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, watcher::Config::default().any_semantic()).modify(trim))
-        .default_backoff()
-        .touched_objects();
+    let stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default().any_semantic()).modify(trim),
+    )
+    .default_backoff()
+    .touched_objects();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(item) = stream.next().await {
@@ -211,7 +240,8 @@ fn watch_for_knative(
 ) {
     tokio::spawn(async move {
         let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        let config = watcher::Config::default().fields("metadata.name=services.serving.knative.dev");
+        let config =
+            watcher::Config::default().fields("metadata.name=services.serving.knative.dev");
         let mut stream = std::pin::pin!(watcher(crds, config).default_backoff().applied_objects());
         while let Some(item) = stream.next().await {
             let Ok(crd) = item else { continue };
@@ -219,7 +249,10 @@ fn watch_for_knative(
                 .status
                 .as_ref()
                 .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"));
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
             let started = stores.knative.read().map(|g| g.is_some()).unwrap_or(true);
             if established && !started {
                 info!("Knative Serving is installed: binding Service.serving.knative.dev");
@@ -256,8 +289,10 @@ pub async fn run(
 
     let bindings_api: Api<CloudSqlBinding> = Api::all(client.clone());
     let instances_api: Api<CloudSqlInstance> = Api::all(client.clone());
-    let binding_controller = Controller::new(bindings_api, watcher::Config::default().any_semantic());
-    let instance_controller = Controller::new(instances_api, watcher::Config::default().any_semantic());
+    let binding_controller =
+        Controller::new(bindings_api, watcher::Config::default().any_semantic());
+    let instance_controller =
+        Controller::new(instances_api, watcher::Config::default().any_semantic());
 
     let (deployments, deployment_stream) = reflect(Api::<Deployment>::all(client.clone()));
     let (stateful_sets, sts_stream) = reflect(Api::<StatefulSet>::all(client.clone()));
@@ -270,24 +305,39 @@ pub async fn run(
     let stores_cell: Arc<RwLock<Option<Stores>>> = Arc::default();
     let ns_tx = binding_tx.clone();
     let ns_cell = stores_cell.clone();
-    let namespaces = spawn_metadata_reflector(Api::<kube::api::PartialObjectMeta<Namespace>>::all(client.clone()), move |ns| {
-        if let Some(stores) = ns_cell.read().ok().and_then(|g| g.clone()) {
-            for b in stores.bindings_in(&ns.name_any()) {
-                let _ = ns_tx.send(ObjectRef::from_obj(&*b));
+    let namespaces = spawn_metadata_reflector(
+        Api::<kube::api::PartialObjectMeta<Namespace>>::all(client.clone()),
+        move |ns| {
+            if let Some(stores) = ns_cell.read().ok().and_then(|g| g.clone()) {
+                for b in stores.bindings_in(&ns.name_any()) {
+                    let _ = ns_tx.send(ObjectRef::from_obj(&*b));
+                }
             }
-        }
-    });
+        },
+    );
     let pod_tx = binding_tx.clone();
     let pod_cell = stores_cell.clone();
-    let pods = spawn_metadata_reflector(Api::<kube::api::PartialObjectMeta<Pod>>::all(client.clone()), move |pod| {
-        if let Some(stores) = pod_cell.read().ok().and_then(|g| g.clone()) {
-            let ns = pod.namespace().unwrap_or_default();
-            for r in bindings_for_workload(&stores, WorkloadKind::Pod, &ns, &pod.name_any(), pod.metadata.labels.as_ref()) {
-                let _ = pod_tx.send(r);
+    let pods = spawn_metadata_reflector(
+        Api::<kube::api::PartialObjectMeta<Pod>>::all(client.clone()),
+        move |pod| {
+            if let Some(stores) = pod_cell.read().ok().and_then(|g| g.clone()) {
+                let ns = pod.namespace().unwrap_or_default();
+                for r in bindings_for_workload(
+                    &stores,
+                    WorkloadKind::Pod,
+                    &ns,
+                    &pod.name_any(),
+                    pod.metadata.labels.as_ref(),
+                ) {
+                    let _ = pod_tx.send(r);
+                }
             }
-        }
-    });
-    let nodes = spawn_metadata_reflector(Api::<kube::api::PartialObjectMeta<Node>>::all(client.clone()), |_| {});
+        },
+    );
+    let nodes = spawn_metadata_reflector(
+        Api::<kube::api::PartialObjectMeta<Node>>::all(client.clone()),
+        |_| {},
+    );
 
     let stores = Stores {
         instances: instance_controller.store(),
@@ -366,7 +416,8 @@ pub async fn run(
     {
         let stores = stores.clone();
         tokio::spawn(async move {
-            let _ = tokio::join!(stores.instances.wait_until_ready(), stores.bindings.wait_until_ready());
+            store_ready(&stores.instances).await;
+            store_ready(&stores.bindings).await;
             readiness.set_ready();
             info!("caches synced");
         });
@@ -374,7 +425,20 @@ pub async fn run(
 
     let shutdown = shutdown.shared();
     let config = kube::runtime::controller::Config::default().concurrency(16);
+    // An instance created, changed or deleted: its bindings look again.
+    let instance_bindings = stores.clone();
     let bindings = binding_controller
+        .watches(
+            Api::<CloudSqlInstance>::all(client.clone()),
+            watcher::Config::default().any_semantic(),
+            move |instance: CloudSqlInstance| {
+                instance_bindings
+                    .bindings_of(&instance.name_any())
+                    .into_iter()
+                    .map(|b| ObjectRef::from_obj(&*b))
+                    .collect::<Vec<_>>()
+            },
+        )
         .with_config(config.clone())
         .reconcile_on(UnboundedReceiverStream::new(binding_rx))
         .graceful_shutdown_on(shutdown.clone())
@@ -395,6 +459,20 @@ pub async fn run(
             }
         });
     tokio::join!(bindings, instances);
+}
+
+/// Waits until a store has synced. Polled in a loop: a store's readiness may
+/// wake only one of several waiters (the controller's own runner waits too).
+pub(crate) async fn store_ready<K>(store: &Store<K>)
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let mut ready = std::pin::pin!(store.wait_until_ready());
+    while tokio::time::timeout(Duration::from_millis(100), &mut ready)
+        .await
+        .is_err()
+    {}
 }
 
 /// Requeue delay after an error (the controller adds its own backoff per object).

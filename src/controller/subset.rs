@@ -17,16 +17,18 @@ pub fn contains(current: &Value, wanted: &Value) -> bool {
             .iter()
             .all(|(k, w)| have.get(k).is_some_and(|h| contains(h, w))),
         (Value::Array(have), Value::Array(want)) => {
-            let key = MERGE_KEYS.into_iter().find(|key| {
-                !want.is_empty() && want.iter().all(|w| w.get(key).is_some())
-            });
+            let key = MERGE_KEYS
+                .into_iter()
+                .find(|key| !want.is_empty() && want.iter().all(|w| w.get(key).is_some()));
             match key {
                 Some(key) => want.iter().all(|w| {
                     have.iter()
                         .find(|h| h.get(key) == w.get(key))
                         .is_some_and(|h| contains(h, w))
                 }),
-                None => have.len() == want.len() && have.iter().zip(want).all(|(h, w)| contains(h, w)),
+                None => {
+                    have.len() == want.len() && have.iter().zip(want).all(|(h, w)| contains(h, w))
+                }
             }
         }
         (Value::Number(h), Value::Number(w)) => h.as_f64() == w.as_f64(),
@@ -52,8 +54,17 @@ mod tests {
     #[test]
     fn a_changed_value_or_missing_item_is_a_difference() {
         let current = json!({"spec": {"containers": [{"name": "app", "env": [{"name": "B", "value": "2"}]}]}});
-        assert!(!contains(&current, &json!({"spec": {"containers": [{"name": "app", "env": [{"name": "B", "value": "3"}]}]}})));
-        assert!(!contains(&current, &json!({"spec": {"containers": [{"name": "app", "env": [{"name": "C", "value": "2"}]}]}})));
-        assert!(!contains(&json!({"args": ["--a", "--b"]}), &json!({"args": ["--a"]})));
+        assert!(!contains(
+            &current,
+            &json!({"spec": {"containers": [{"name": "app", "env": [{"name": "B", "value": "3"}]}]}})
+        ));
+        assert!(!contains(
+            &current,
+            &json!({"spec": {"containers": [{"name": "app", "env": [{"name": "C", "value": "2"}]}]}})
+        ));
+        assert!(!contains(
+            &json!({"args": ["--a", "--b"]}),
+            &json!({"args": ["--a"]})
+        ));
     }
 }

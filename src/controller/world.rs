@@ -118,7 +118,11 @@ fn select<K: Workload>(store: &Store<K>, ns: &str, entry: &WorkloadSelector) -> 
     }
 }
 
-fn entry_selects(entry: &WorkloadSelector, name: &str, labels: Option<&BTreeMap<String, String>>) -> bool {
+fn entry_selects(
+    entry: &WorkloadSelector,
+    name: &str,
+    labels: Option<&BTreeMap<String, String>>,
+) -> bool {
     match (&entry.name, &entry.selector) {
         (Some(n), _) => n == name,
         (None, Some(selector)) => selector_matches(selector, labels),
@@ -263,16 +267,18 @@ impl Stores {
         let (ns, name) = (id.namespace.as_str(), id.name.as_str());
         use budget::max_pods as mp;
         Some(match id.kind {
-            WorkloadKind::Deployment => {
-                mp::deployment(&*get(&self.deployments, ns, name)?, self.hpa_max(ns, "Deployment", name))
-            }
+            WorkloadKind::Deployment => mp::deployment(
+                &*get(&self.deployments, ns, name)?,
+                self.hpa_max(ns, "Deployment", name),
+            ),
             WorkloadKind::StatefulSet => mp::stateful_set(
                 &*get(&self.stateful_sets, ns, name)?,
                 self.hpa_max(ns, "StatefulSet", name),
             ),
-            WorkloadKind::ReplicaSet => {
-                mp::replica_set(&*get(&self.replica_sets, ns, name)?, self.hpa_max(ns, "ReplicaSet", name))
-            }
+            WorkloadKind::ReplicaSet => mp::replica_set(
+                &*get(&self.replica_sets, ns, name)?,
+                self.hpa_max(ns, "ReplicaSet", name),
+            ),
             WorkloadKind::DaemonSet => {
                 let nodes = u32::try_from(self.nodes.state().len()).unwrap_or(u32::MAX);
                 mp::daemon_set(&*get(&self.daemon_sets, ns, name)?, nodes)
@@ -304,15 +310,24 @@ impl Stores {
             .into_iter()
             .filter_map(|id| self.max_pods(&id).map(|m| (id, m)))
             .collect();
-        let total = per.iter().fold(0u32, |acc, (_, m)| acc.saturating_add(m.count));
+        let total = per
+            .iter()
+            .fold(0u32, |acc, (_, m)| acc.saturating_add(m.count));
         (total, per)
     }
 
     /// The instance's capacity, from its spec and (later) what discovery found.
-    pub fn capacity(&self, instance: &CloudSqlInstance, discovered: Option<budget::DiscoveredInstance>) -> CapacityResolutionOrError {
+    pub fn capacity(
+        &self,
+        instance: &CloudSqlInstance,
+        discovered: Option<budget::DiscoveredInstance>,
+    ) -> CapacityResolutionOrError {
         let spec = &instance.spec;
         let inputs = CapacityInputs {
-            spec_max_connections: spec.capacity.max_connections.and_then(|n| u32::try_from(n).ok()),
+            spec_max_connections: spec
+                .capacity
+                .max_connections
+                .and_then(|n| u32::try_from(n).ok()),
             spec_tier: spec.capacity.tier.clone(),
             spec_database_version: spec.database_version.clone(),
             discovered,
@@ -323,7 +338,11 @@ impl Stores {
     }
 
     /// The budget of an instance over every binding that takes part in it.
-    pub fn budget(&self, instance: &CloudSqlInstance, capacity: &CapacityResolutionOrError) -> Budget {
+    pub fn budget(
+        &self,
+        instance: &CloudSqlInstance,
+        capacity: &CapacityResolutionOrError,
+    ) -> Budget {
         let name = instance.name_any();
         let mut requests = Vec::new();
         let mut max_pods = BTreeMap::new();
@@ -365,7 +384,11 @@ impl Stores {
             .allocation
             .as_ref()
             .and_then(|a| a.grants.get(&key).copied())
-            .unwrap_or_else(|| u32::try_from(binding.spec.pool.min_per_pod).unwrap_or(1).max(1));
+            .unwrap_or_else(|| {
+                u32::try_from(binding.spec.pool.min_per_pod)
+                    .unwrap_or(1)
+                    .max(1)
+            });
         Grant { per_pod }
     }
 
@@ -389,7 +412,9 @@ impl Stores {
         let mut outcomes = BTreeMap::new();
         for binding in self.bindings_in(&id.namespace) {
             let key = binding_key(&binding);
-            if exclude == Some(key.as_str()) || !Stores::selects(&binding, id.kind, &id.name, labels) {
+            if exclude == Some(key.as_str())
+                || !Stores::selects(&binding, id.kind, &id.name, labels)
+            {
                 continue;
             }
             let (instance, grant) = match self.eligibility(&binding) {

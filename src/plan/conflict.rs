@@ -2,8 +2,8 @@
 
 use std::fmt;
 
-use super::injection::BindingKey;
 use super::SOCKET_DIR;
+use super::injection::BindingKey;
 
 /// Something a binding would inject that the pod (or another binding on it)
 /// already sets otherwise. Nothing is changed when there is one.
@@ -102,15 +102,28 @@ impl fmt::Display for Conflict {
         let binding = &self.binding;
         let container = container_label(&self.container);
         match &self.kind {
-            ConflictKind::UserEnv { name, existing: ExistingEnv::Value(value), ours } => write!(
+            ConflictKind::UserEnv {
+                name,
+                existing: ExistingEnv::Value(value),
+                ours,
+            } => write!(
                 f,
                 "{container} already sets {name}={value:?}; binding {binding} would set {ours:?}"
             ),
-            ConflictKind::UserEnv { name, existing: ExistingEnv::ValueFrom, ours } => write!(
+            ConflictKind::UserEnv {
+                name,
+                existing: ExistingEnv::ValueFrom,
+                ours,
+            } => write!(
                 f,
                 "{container} already sets {name} from valueFrom; binding {binding} would set {ours:?}"
             ),
-            ConflictKind::BindingEnv { name, other, other_value, ours } => write!(
+            ConflictKind::BindingEnv {
+                name,
+                other,
+                other_value,
+                ours,
+            } => write!(
                 f,
                 "{container}: binding {other} sets {name}={other_value:?}; binding {binding} would set {ours:?} (give one of them another env name in spec.env, or select other containers)"
             ),
@@ -130,7 +143,10 @@ impl fmt::Display for Conflict {
                 f,
                 "bindings {other} and {binding} both want their proxy on 127.0.0.1:{port}; set another spec.proxy.port on one of them"
             ),
-            ConflictKind::SameSocket { connection_name, other } => write!(
+            ConflictKind::SameSocket {
+                connection_name,
+                other,
+            } => write!(
                 f,
                 "bindings {other} and {binding} both run a proxy for {connection_name} on the same socket directory {SOCKET_DIR}; bind the instance once per pod, or use spec.proxy.socket: TCP on one of them"
             ),

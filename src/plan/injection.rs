@@ -6,8 +6,11 @@ use k8s_openapi::api::core::v1::ResourceRequirements;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::api::{CloudSqlBinding, CloudSqlInstance, Mode, Network, SidecarMode, Socket, WorkloadKind};
+use crate::api::{
+    CloudSqlBinding, CloudSqlInstance, Mode, Network, SidecarMode, Socket, WorkloadKind,
+};
 
+use super::pod::Platform;
 use super::{DEFAULT_PROXY_IMAGE, SOCKET_DIR, proxy::default_proxy_resources};
 
 /// What the API server of the target cluster supports.
@@ -166,7 +169,9 @@ pub enum PlanError {
         got: String,
     },
     /// The instance has no connection name.
-    #[error("CloudSqlInstance {instance:?} has an empty spec.connectionName; set it to PROJECT:REGION:INSTANCE")]
+    #[error(
+        "CloudSqlInstance {instance:?} has an empty spec.connectionName; set it to PROJECT:REGION:INSTANCE"
+    )]
     NoConnectionName {
         /// The instance name.
         instance: String,
@@ -228,7 +233,9 @@ impl InjectionPlan {
         }
         let connection_name = instance.spec.connection_name.trim().to_owned();
         if connection_name.is_empty() {
-            return Err(PlanError::NoConnectionName { instance: instance_name });
+            return Err(PlanError::NoConnectionName {
+                instance: instance_name,
+            });
         }
         if grant.per_pod == 0 {
             return Err(PlanError::ZeroGrant { binding: key });
@@ -245,25 +252,39 @@ impl InjectionPlan {
         };
 
         let tcp_port = match proxy_spec.port {
-            Some(port) => u16::try_from(port)
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or(PlanError::InvalidPort { binding: key.clone(), port })?,
+            Some(port) => {
+                u16::try_from(port)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or(PlanError::InvalidPort {
+                        binding: key.clone(),
+                        port,
+                    })?
+            }
             None => default_tcp_port(instance),
         };
 
         if mode == InjectionMode::ProxyTcp
-            && spec.workloads.iter().any(|w| w.kind == WorkloadKind::KnativeService)
+            && spec
+                .workloads
+                .iter()
+                .any(|w| w.kind == WorkloadKind::KnativeService)
         {
             return Err(PlanError::TcpOnCloudRun { binding: key });
         }
 
-        let database = EnvItem { name: names.database.clone(), value: spec.database.name.clone() };
+        let database = EnvItem {
+            name: names.database.clone(),
+            value: spec.database.name.clone(),
+        };
         let user = EnvItem {
             name: names.user_name(iam).to_owned(),
             value: spec.database.user.clone(),
         };
-        let pool_env = EnvItem { name: names.pool_max.clone(), value: pool.to_string() };
+        let pool_env = EnvItem {
+            name: names.pool_max.clone(),
+            value: pool.to_string(),
+        };
         let env = match mode {
             InjectionMode::ProxyUnixSocket => vec![
                 EnvItem {
@@ -275,20 +296,32 @@ impl InjectionPlan {
                 pool_env,
             ],
             InjectionMode::ProxyTcp => vec![
-                EnvItem { name: names.host.clone(), value: "127.0.0.1".to_owned() },
-                EnvItem { name: names.port.clone(), value: tcp_port.to_string() },
+                EnvItem {
+                    name: names.host.clone(),
+                    value: "127.0.0.1".to_owned(),
+                },
+                EnvItem {
+                    name: names.port.clone(),
+                    value: tcp_port.to_string(),
+                },
                 database,
                 user,
                 pool_env,
             ],
             InjectionMode::Connector => {
                 let mut env = vec![
-                    EnvItem { name: names.connection_name.clone(), value: connection_name.clone() },
+                    EnvItem {
+                        name: names.connection_name.clone(),
+                        value: connection_name.clone(),
+                    },
                     database,
                     user,
                 ];
                 if spec.network == Network::Private {
-                    env.push(EnvItem { name: names.private_ip.clone(), value: "true".to_owned() });
+                    env.push(EnvItem {
+                        name: names.private_ip.clone(),
+                        value: "true".to_owned(),
+                    });
                 }
                 env.push(pool_env);
                 env
@@ -296,7 +329,10 @@ impl InjectionPlan {
         };
         for (i, item) in env.iter().enumerate() {
             if env[..i].iter().any(|earlier| earlier.name == item.name) {
-                return Err(PlanError::DuplicateEnvName { binding: key, name: item.name.clone() });
+                return Err(PlanError::DuplicateEnvName {
+                    binding: key,
+                    name: item.name.clone(),
+                });
             }
         }
 
@@ -334,7 +370,10 @@ impl InjectionPlan {
                     max_connections: pool,
                     connection_flags,
                     connection_name: connection_name.clone(),
-                    resources: proxy_spec.resources.clone().unwrap_or_else(default_proxy_resources),
+                    resources: proxy_spec
+                        .resources
+                        .clone()
+                        .unwrap_or_else(default_proxy_resources),
                 })
             }
         };
@@ -346,7 +385,9 @@ impl InjectionPlan {
             containers: spec.containers.clone(),
             env,
             proxy,
-            volume: unix.then(|| SocketVolume { mount_path: SOCKET_DIR.to_owned() }),
+            volume: unix.then(|| SocketVolume {
+                mount_path: SOCKET_DIR.to_owned(),
+            }),
             cloud_run_instance: unix.then_some(connection_name),
             grant: pool,
         })
@@ -393,17 +434,38 @@ impl InjectionPlan {
         self.grant
     }
 
-    /// A short hex digest of what this plan injects (first 10 hex digits of a
-    /// SHA-256 over its canonical JSON form).
+    /// A short hex digest of what this plan injects into a Kubernetes pod
+    /// (first 10 hex digits of a SHA-256 over its canonical JSON form).
     pub fn config_hash(&self) -> String {
-        short_hash(&[self.canonical_bytes()])
+        short_hash(&[self.canonical_bytes(Platform::Kubernetes)])
     }
 
-    /// The canonical serialization hashed by [`InjectionPlan::config_hash`].
-    pub(crate) fn canonical_bytes(&self) -> Vec<u8> {
+    /// The canonical serialization of what the plan injects on `platform`.
+    /// On Cloud Run only the env and the instances annotation are injected,
+    /// so proxy settings (image, resources, sidecar kind) are left out: a
+    /// change to them must not stamp out a new revision.
+    pub(crate) fn canonical_bytes(&self, platform: Platform) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct CloudRunPart<'a> {
+            binding: &'a BindingKey,
+            mode: InjectionMode,
+            containers: &'a [String],
+            env: &'a [EnvItem],
+            cloud_run_instance: Option<&'a str>,
+        }
         // Serializing plain structs, strings and k8s-openapi types into JSON
         // cannot fail (every map key is a string).
-        serde_json::to_vec(self).unwrap_or_default()
+        match platform {
+            Platform::Kubernetes => serde_json::to_vec(self).unwrap_or_default(),
+            Platform::CloudRun => serde_json::to_vec(&CloudRunPart {
+                binding: &self.binding,
+                mode: self.mode,
+                containers: &self.containers,
+                env: &self.env,
+                cloud_run_instance: self.cloud_run_instance.as_deref(),
+            })
+            .unwrap_or_default(),
+        }
     }
 }
 
@@ -414,7 +476,12 @@ pub(crate) fn default_tcp_port(instance: &CloudSqlInstance) -> u16 {
         .spec
         .database_version
         .as_deref()
-        .or_else(|| instance.status.as_ref().and_then(|s| s.database_version.as_deref()))
+        .or_else(|| {
+            instance
+                .status
+                .as_ref()
+                .and_then(|s| s.database_version.as_deref())
+        })
         .unwrap_or_default();
     if version.starts_with("MYSQL") {
         3306
@@ -443,18 +510,32 @@ mod tests {
     use crate::plan::tests::{binding, instance};
 
     fn caps() -> TargetCapabilities {
-        TargetCapabilities { native_sidecars: true }
+        TargetCapabilities {
+            native_sidecars: true,
+        }
     }
 
     #[test]
     fn unix_socket_env_points_at_the_socket_of_the_instance() {
-        let plan = InjectionPlan::new(&binding("shop", "orders-api", ""), &instance(), Grant { per_pod: 7 }, caps())
-            .unwrap();
-        let env: Vec<_> = plan.env().iter().map(|e| (e.name.as_str(), e.value.as_str())).collect();
+        let plan = InjectionPlan::new(
+            &binding("shop", "orders-api", ""),
+            &instance(),
+            Grant { per_pod: 7 },
+            caps(),
+        )
+        .unwrap();
+        let env: Vec<_> = plan
+            .env()
+            .iter()
+            .map(|e| (e.name.as_str(), e.value.as_str()))
+            .collect();
         assert_eq!(
             env,
             [
-                ("INSTANCE_UNIX_SOCKET", "/cloudsql/my-project:asia-northeast3:orders"),
+                (
+                    "INSTANCE_UNIX_SOCKET",
+                    "/cloudsql/my-project:asia-northeast3:orders"
+                ),
                 ("DB_NAME", "orders"),
                 ("DB_USER", "orders-app"),
                 ("DB_POOL_MAX_CONNS", "7"),
@@ -471,7 +552,11 @@ mod tests {
         let b = binding("shop", "a", "mode: Proxy\nproxy: { socket: TCP }\n");
         let plan = InjectionPlan::new(&b, &inst, Grant { per_pod: 3 }, caps()).unwrap();
         assert_eq!(plan.proxy().unwrap().listener, Listener::Tcp { port: 3306 });
-        assert!(plan.env().iter().any(|e| e.name == "DB_PORT" && e.value == "3306"));
+        assert!(
+            plan.env()
+                .iter()
+                .any(|e| e.name == "DB_PORT" && e.value == "3306")
+        );
         assert!(plan.volume().is_none());
     }
 
@@ -487,14 +572,25 @@ mod tests {
         let names: Vec<_> = plan.env().iter().map(|e| e.name.as_str()).collect();
         assert_eq!(
             names,
-            ["INSTANCE_CONNECTION_NAME", "DB_NAME", "DB_IAM_USER", "PRIVATE_IP", "DB_POOL_MAX_CONNS"]
+            [
+                "INSTANCE_CONNECTION_NAME",
+                "DB_NAME",
+                "DB_IAM_USER",
+                "PRIVATE_IP",
+                "DB_POOL_MAX_CONNS"
+            ]
         );
     }
 
     #[test]
     fn a_zero_grant_is_refused_because_the_proxy_reads_it_as_unlimited() {
-        let err = InjectionPlan::new(&binding("shop", "a", ""), &instance(), Grant { per_pod: 0 }, caps())
-            .unwrap_err();
+        let err = InjectionPlan::new(
+            &binding("shop", "a", ""),
+            &instance(),
+            Grant { per_pod: 0 },
+            caps(),
+        )
+        .unwrap_err();
         assert!(matches!(err, PlanError::ZeroGrant { .. }));
         assert!(err.to_string().contains("unlimited"));
     }
@@ -514,7 +610,13 @@ mod tests {
     fn a_plan_for_another_instance_is_refused() {
         let mut inst = instance();
         inst.metadata.name = Some("billing".into());
-        let err = InjectionPlan::new(&binding("shop", "a", ""), &inst, Grant { per_pod: 3 }, caps()).unwrap_err();
+        let err = InjectionPlan::new(
+            &binding("shop", "a", ""),
+            &inst,
+            Grant { per_pod: 3 },
+            caps(),
+        )
+        .unwrap_err();
         assert!(matches!(err, PlanError::WrongInstance { .. }));
     }
 

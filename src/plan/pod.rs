@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, EnvVar, PodSpec, Volume, VolumeMount};
+use k8s_openapi::api::core::v1::{
+    Container, EmptyDirVolumeSource, EnvVar, PodSpec, Volume, VolumeMount,
+};
 
 use crate::api::WorkloadKind;
 
@@ -79,12 +81,28 @@ impl PodInjection {
         self.plans.is_empty()
     }
 
-    /// The combined hash of every plan: the value of `cloudsql.dev/config-hash`.
-    /// It changes exactly when what the bindings inject changes, the grant
-    /// included. Names and ports chosen to avoid the user's own only move when
-    /// the user's template changes, which rolls the workload out anyway.
+    /// The combined hash of every plan for a Kubernetes pod template: the
+    /// value of `cloudsql.dev/config-hash`. It changes exactly when what the
+    /// bindings inject changes, the grant included. Names and ports chosen to
+    /// avoid the user's own only move when the user's template changes, which
+    /// rolls the workload out anyway. For a Knative service use
+    /// [`PodInjection::config_hash_for`].
     pub fn config_hash(&self) -> String {
-        let parts: Vec<Vec<u8>> = self.plans.iter().map(InjectionPlan::canonical_bytes).collect();
+        self.config_hash_on(Platform::Kubernetes)
+    }
+
+    /// The combined hash for the template of workload `kind` (a Knative
+    /// service hashes only what Cloud Run gets: env and instances).
+    pub fn config_hash_for(&self, kind: WorkloadKind) -> String {
+        self.config_hash_on(Platform::of(kind))
+    }
+
+    fn config_hash_on(&self, platform: Platform) -> String {
+        let parts: Vec<Vec<u8>> = self
+            .plans
+            .iter()
+            .map(|p| p.canonical_bytes(platform))
+            .collect();
         short_hash(&parts)
     }
 
@@ -94,7 +112,11 @@ impl PodInjection {
     ///
     /// The annotations are a map here; use [`PodInjection::apply_for`] with
     /// the template's `Option` to have [`remove_for`] restore an absent map.
-    pub fn apply(&self, pod: &mut PodSpec, annotations: &mut BTreeMap<String, String>) -> Result<(), Vec<Conflict>> {
+    pub fn apply(
+        &self,
+        pod: &mut PodSpec,
+        annotations: &mut BTreeMap<String, String>,
+    ) -> Result<(), Vec<Conflict>> {
         let mut wrapped = Some(std::mem::take(annotations));
         let result = self.apply_on(Platform::Kubernetes, pod, &mut wrapped);
         *annotations = wrapped.unwrap_or_default();
@@ -138,13 +160,18 @@ impl PodInjection {
         remove_for(&mut pod, &mut annotations);
         let mut record = Record::default();
         if self.plans.is_empty() {
-            return Ok(Merged { pod, annotations, record });
+            return Ok(Merged {
+                pod,
+                annotations,
+                record,
+            });
         }
         let mut conflicts = Vec::new();
 
         let apps = &pod.containers;
         let mut env_add: Vec<Vec<EnvVar>> = vec![Vec::new(); apps.len()];
-        let mut env_owner: Vec<BTreeMap<String, (BindingKey, String)>> = vec![BTreeMap::new(); apps.len()];
+        let mut env_owner: Vec<BTreeMap<String, (BindingKey, String)>> =
+            vec![BTreeMap::new(); apps.len()];
         let mut needs_mount = vec![false; apps.len()];
 
         for plan in &self.plans {
@@ -156,7 +183,9 @@ impl PodInjection {
                 });
                 continue;
             }
-            let selected: Vec<usize> = (0..apps.len()).filter(|&i| selects(plan, i, &apps[i])).collect();
+            let selected: Vec<usize> = (0..apps.len())
+                .filter(|&i| selects(plan, i, &apps[i]))
+                .collect();
             if selected.is_empty() {
                 conflicts.push(Conflict {
                     binding: plan.binding().clone(),
@@ -176,11 +205,16 @@ impl PodInjection {
                     kind,
                 };
                 for item in plan.env() {
-                    let users: Vec<&EnvVar> = app.env.iter().flatten().filter(|e| e.name == item.name).collect();
-                    if let Some(differs) = users
+                    let users: Vec<&EnvVar> = app
+                        .env
                         .iter()
-                        .find(|e| e.value_from.is_some() || e.value.as_deref().unwrap_or_default() != item.value)
-                    {
+                        .flatten()
+                        .filter(|e| e.name == item.name)
+                        .collect();
+                    if let Some(differs) = users.iter().find(|e| {
+                        e.value_from.is_some()
+                            || e.value.as_deref().unwrap_or_default() != item.value
+                    }) {
                         let existing = match (&differs.value_from, &differs.value) {
                             (Some(_), _) => ExistingEnv::ValueFrom,
                             (None, value) => ExistingEnv::Value(value.clone().unwrap_or_default()),
@@ -208,7 +242,10 @@ impl PodInjection {
                         }
                         Some(_) => {}
                         None => {
-                            env_owner[i].insert(item.name.clone(), (plan.binding().clone(), item.value.clone()));
+                            env_owner[i].insert(
+                                item.name.clone(),
+                                (plan.binding().clone(), item.value.clone()),
+                            );
                             env_add[i].push(EnvVar {
                                 name: item.name.clone(),
                                 value: Some(item.value.clone()),
@@ -218,8 +255,15 @@ impl PodInjection {
                     }
                 }
                 if plan.volume().is_some() {
-                    if let Some(mount) = app.volume_mounts.iter().flatten().find(|m| is_socket_dir(&m.mount_path)) {
-                        conflicts.push(conflict(ConflictKind::SocketDir { volume: mount.name.clone() }));
+                    if let Some(mount) = app
+                        .volume_mounts
+                        .iter()
+                        .flatten()
+                        .find(|m| is_socket_dir(&m.mount_path))
+                    {
+                        conflicts.push(conflict(ConflictKind::SocketDir {
+                            volume: mount.name.clone(),
+                        }));
                     } else if platform == Platform::Kubernetes {
                         needs_mount[i] = true;
                     }
@@ -241,19 +285,25 @@ impl PodInjection {
                 if app.env.is_none() {
                     record.mark_created(format!("env:{key}"));
                 }
-                record.env.insert(key.clone(), add.iter().map(|e| e.name.clone()).collect());
+                record
+                    .env
+                    .insert(key.clone(), add.iter().map(|e| e.name.clone()).collect());
                 app.env.get_or_insert_with(Vec::new).extend(add);
             }
             if let (true, Some(volume)) = (needs_mount[i], &sidecars.volume) {
                 if app.volume_mounts.is_none() {
                     record.mark_created(format!("volumeMounts:{key}"));
                 }
-                app.volume_mounts.get_or_insert_with(Vec::new).push(VolumeMount {
-                    name: volume.clone(),
-                    mount_path: SOCKET_DIR.to_owned(),
-                    ..VolumeMount::default()
-                });
-                record.volume_mounts.insert(key, vec![SOCKET_DIR.to_owned()]);
+                app.volume_mounts
+                    .get_or_insert_with(Vec::new)
+                    .push(VolumeMount {
+                        name: volume.clone(),
+                        mount_path: SOCKET_DIR.to_owned(),
+                        ..VolumeMount::default()
+                    });
+                record
+                    .volume_mounts
+                    .insert(key, vec![SOCKET_DIR.to_owned()]);
             }
         }
         if let Some(volume) = sidecars.volume {
@@ -262,7 +312,10 @@ impl PodInjection {
             }
             pod.volumes.get_or_insert_with(Vec::new).push(Volume {
                 name: volume.clone(),
-                empty_dir: Some(EmptyDirVolumeSource { medium: Some("Memory".to_owned()), ..Default::default() }),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    medium: Some("Memory".to_owned()),
+                    ..Default::default()
+                }),
                 ..Volume::default()
             });
             record.volumes.push(volume);
@@ -291,26 +344,39 @@ impl PodInjection {
         if platform == Platform::CloudRun {
             record.cloud_run = self.merge_cloud_run_instances(map);
         }
-        map.insert(CONFIG_HASH_ANNOTATION.to_owned(), self.config_hash());
+        map.insert(
+            CONFIG_HASH_ANNOTATION.to_owned(),
+            self.config_hash_on(platform),
+        );
         map.insert(INJECTED_ANNOTATION.to_owned(), record.to_json());
-        Ok(Merged { pod, annotations, record })
+        Ok(Merged {
+            pod,
+            annotations,
+            record,
+        })
     }
 
     /// Names, ports and containers of the proxies, and the socket volume.
     fn sidecars(&self, pod: &PodSpec, conflicts: &mut Vec<Conflict>) -> Sidecars {
-        let all_containers = || pod.containers.iter().chain(pod.init_containers.iter().flatten());
+        let all_containers = || {
+            pod.containers
+                .iter()
+                .chain(pod.init_containers.iter().flatten())
+        };
         let mut taken_names: BTreeSet<String> = all_containers().map(|c| c.name.clone()).collect();
         let user_ports: BTreeMap<u16, String> = all_containers()
             .flat_map(|c| {
-                c.ports
-                    .iter()
-                    .flatten()
-                    .filter_map(move |p| u16::try_from(p.container_port).ok().map(|port| (port, c.name.clone())))
+                c.ports.iter().flatten().filter_map(move |p| {
+                    u16::try_from(p.container_port)
+                        .ok()
+                        .map(|port| (port, c.name.clone()))
+                })
             })
             .collect();
         let mut taken_ports: BTreeSet<u16> = user_ports.keys().copied().collect();
 
-        let proxied: Vec<&InjectionPlan> = self.plans.iter().filter(|p| p.proxy().is_some()).collect();
+        let proxied: Vec<&InjectionPlan> =
+            self.plans.iter().filter(|p| p.proxy().is_some()).collect();
         let mut listeners: BTreeMap<u16, BindingKey> = BTreeMap::new();
         let mut sockets: BTreeMap<&str, BindingKey> = BTreeMap::new();
         for plan in &proxied {
@@ -328,7 +394,10 @@ impl PodInjection {
                         conflicts.push(Conflict {
                             binding,
                             container: None,
-                            kind: ConflictKind::BindingPort { port, other: other.clone() },
+                            kind: ConflictKind::BindingPort {
+                                port,
+                                other: other.clone(),
+                            },
                         });
                     } else {
                         listeners.insert(port, binding);
@@ -353,7 +422,12 @@ impl PodInjection {
         taken_ports.extend(listeners.keys().copied());
 
         let volume = proxied.iter().any(|p| p.volume().is_some()).then(|| {
-            let taken: BTreeSet<String> = pod.volumes.iter().flatten().map(|v| v.name.clone()).collect();
+            let taken: BTreeSet<String> = pod
+                .volumes
+                .iter()
+                .flatten()
+                .map(|v| v.name.clone())
+                .collect();
             unique_name(SOCKET_VOLUME_NAME, &taken)
         });
 
@@ -368,7 +442,11 @@ impl PodInjection {
             let name = unique_name(&base, &taken_names);
             taken_names.insert(name.clone());
             let http = free_port(DEFAULT_HTTP_PORT, &mut taken_ports);
-            let admin = if proxy.native { Some(None) } else { free_port(DEFAULT_ADMIN_PORT, &mut taken_ports).map(Some) };
+            let admin = if proxy.native {
+                Some(None)
+            } else {
+                free_port(DEFAULT_ADMIN_PORT, &mut taken_ports).map(Some)
+            };
             let (Some(http), Some(admin)) = (http, admin) else {
                 conflicts.push(Conflict {
                     binding: plan.binding().clone(),
@@ -384,7 +462,10 @@ impl PodInjection {
 
     /// Appends our connection names to the Cloud Run instances annotation,
     /// keeping what is there first and adding no duplicates.
-    fn merge_cloud_run_instances(&self, map: &mut BTreeMap<String, String>) -> Option<CloudRunRecord> {
+    fn merge_cloud_run_instances(
+        &self,
+        map: &mut BTreeMap<String, String>,
+    ) -> Option<CloudRunRecord> {
         let before = map.get(CLOUD_RUN_INSTANCES_ANNOTATION).cloned();
         let mut present: Vec<String> = split_instances(before.as_deref().unwrap_or_default());
         let mut added = Vec::new();
@@ -402,7 +483,10 @@ impl PodInjection {
         if added.is_empty() {
             return None;
         }
-        map.insert(CLOUD_RUN_INSTANCES_ANNOTATION.to_owned(), join_instances(before.as_deref(), &added));
+        map.insert(
+            CLOUD_RUN_INSTANCES_ANNOTATION.to_owned(),
+            join_instances(before.as_deref(), &added),
+        );
         Some(CloudRunRecord { added, before })
     }
 }
@@ -420,7 +504,7 @@ fn selects(plan: &InjectionPlan, index: usize, container: &Container) -> bool {
     if container.name.is_empty() {
         return index == 0;
     }
-    plan.containers().is_empty() || plan.containers().iter().any(|n| *n == container.name)
+    plan.containers().is_empty() || plan.containers().contains(&container.name)
 }
 
 fn is_socket_dir(path: &str) -> bool {
@@ -432,7 +516,13 @@ fn is_socket_dir(path: &str) -> bool {
 fn proxy_name_for(binding: &str) -> String {
     let sanitized: String = binding
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     let name = format!("{PROXY_CONTAINER_NAME}-{}", sanitized.trim_matches('-'));
     if name.len() <= MAX_NAME_LEN {
@@ -451,7 +541,10 @@ fn unique_name(base: &str, taken: &BTreeSet<String>) -> String {
     (1u32..)
         .map(|n| {
             let suffix = format!("-{n}");
-            let stem: String = base.chars().take(MAX_NAME_LEN.saturating_sub(suffix.len())).collect();
+            let stem: String = base
+                .chars()
+                .take(MAX_NAME_LEN.saturating_sub(suffix.len()))
+                .collect();
             format!("{}{suffix}", stem.trim_end_matches('-'))
         })
         .find(|candidate| !taken.contains(candidate))
@@ -494,38 +587,50 @@ pub fn remove(pod: &mut PodSpec, annotations: &mut BTreeMap<String, String>) {
 /// not exist before we injected and nothing else is left in them, they go
 /// back to absent.
 pub fn remove_for(pod: &mut PodSpec, annotations: &mut Option<BTreeMap<String, String>>) {
-    let Some(map) = annotations.as_mut() else { return };
+    let Some(map) = annotations.as_mut() else {
+        return;
+    };
     let record = remove_recorded(pod, map);
     if record.is_some_and(|r| r.was_created("annotations")) && map.is_empty() {
         *annotations = None;
     }
 }
 
-fn remove_recorded(pod: &mut PodSpec, annotations: &mut BTreeMap<String, String>) -> Option<Record> {
+fn remove_recorded(
+    pod: &mut PodSpec,
+    annotations: &mut BTreeMap<String, String>,
+) -> Option<Record> {
     let record = Record::read(annotations);
     annotations.remove(CONFIG_HASH_ANNOTATION);
     annotations.remove(INJECTED_ANNOTATION);
     let record = record?;
 
-    pod.containers.retain(|c| !record.containers.contains(&c.name));
-    retain_created(&mut pod.init_containers, record.was_created("initContainers"), |c| {
-        !record.init_containers.contains(&c.name)
-    });
+    pod.containers
+        .retain(|c| !record.containers.contains(&c.name));
+    retain_created(
+        &mut pod.init_containers,
+        record.was_created("initContainers"),
+        |c| !record.init_containers.contains(&c.name),
+    );
     retain_created(&mut pod.volumes, record.was_created("volumes"), |v| {
         !record.volumes.contains(&v.name)
     });
     for (key, names) in &record.env {
         if let Some(app) = pod.containers.iter_mut().find(|c| c.name == *key) {
-            retain_created(&mut app.env, record.was_created(&format!("env:{key}")), |e| {
-                !names.contains(&e.name)
-            });
+            retain_created(
+                &mut app.env,
+                record.was_created(&format!("env:{key}")),
+                |e| !names.contains(&e.name),
+            );
         }
     }
     for (key, paths) in &record.volume_mounts {
         if let Some(app) = pod.containers.iter_mut().find(|c| c.name == *key) {
-            retain_created(&mut app.volume_mounts, record.was_created(&format!("volumeMounts:{key}")), |m| {
-                !paths.contains(&m.mount_path)
-            });
+            retain_created(
+                &mut app.volume_mounts,
+                record.was_created(&format!("volumeMounts:{key}")),
+                |m| !paths.contains(&m.mount_path),
+            );
         }
     }
     if let Some(cloud_run) = &record.cloud_run {
@@ -545,11 +650,18 @@ fn retain_created<T>(list: &mut Option<Vec<T>>, created: bool, keep: impl FnMut(
     }
 }
 
-fn restore_cloud_run_instances(annotations: &mut BTreeMap<String, String>, record: &CloudRunRecord) {
-    let Some(current) = annotations.get(CLOUD_RUN_INSTANCES_ANNOTATION).cloned() else { return };
+fn restore_cloud_run_instances(
+    annotations: &mut BTreeMap<String, String>,
+    record: &CloudRunRecord,
+) {
+    let Some(current) = annotations.get(CLOUD_RUN_INSTANCES_ANNOTATION).cloned() else {
+        return;
+    };
     if current == join_instances(record.before.as_deref(), &record.added) {
         match &record.before {
-            Some(before) => annotations.insert(CLOUD_RUN_INSTANCES_ANNOTATION.to_owned(), before.clone()),
+            Some(before) => {
+                annotations.insert(CLOUD_RUN_INSTANCES_ANNOTATION.to_owned(), before.clone())
+            }
             None => annotations.remove(CLOUD_RUN_INSTANCES_ANNOTATION),
         };
         return;

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, HTTPGetAction, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
-    VolumeMount,
+    Capabilities, Container, HTTPGetAction, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -42,7 +42,10 @@ pub fn default_proxy_resources() -> ResourceRequirements {
             ("cpu".to_owned(), Quantity("50m".to_owned())),
             ("memory".to_owned(), Quantity("64Mi".to_owned())),
         ])),
-        limits: Some(BTreeMap::from([("memory".to_owned(), Quantity("256Mi".to_owned()))])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_owned(),
+            Quantity("256Mi".to_owned()),
+        )])),
         ..ResourceRequirements::default()
     }
 }
@@ -87,7 +90,12 @@ impl ProxySidecar {
     /// then moves the load onto the others and cascades. Kubernetes does count
     /// a native sidecar's readiness towards the pod's, which is exactly why it
     /// is left to the app.
-    pub fn container(&self, name: &str, socket_volume: Option<&str>, ports: ProxyPorts) -> Container {
+    pub fn container(
+        &self,
+        name: &str,
+        socket_volume: Option<&str>,
+        ports: ProxyPorts,
+    ) -> Container {
         let http = i32::from(ports.http);
         let volume_mounts = match (self.listener, socket_volume) {
             (Listener::UnixSocket, Some(volume)) => Some(vec![VolumeMount {
@@ -152,18 +160,28 @@ mod tests {
 
     fn proxy(extra: &str, native: bool) -> ProxySidecar {
         let b = binding("shop", "orders-api", extra);
-        InjectionPlan::new(&b, &instance(), Grant { per_pod: 6 }, TargetCapabilities { native_sidecars: native })
-            .unwrap()
-            .proxy()
-            .unwrap()
-            .clone()
+        InjectionPlan::new(
+            &b,
+            &instance(),
+            Grant { per_pod: 6 },
+            TargetCapabilities {
+                native_sidecars: native,
+            },
+        )
+        .unwrap()
+        .proxy()
+        .unwrap()
+        .clone()
     }
 
     #[test]
     fn args_come_in_the_documented_order() {
         let p = proxy("", true);
         assert_eq!(
-            p.args(ProxyPorts { http: 9801, admin: None }),
+            p.args(ProxyPorts {
+                http: 9801,
+                admin: None
+            }),
             [
                 "--unix-socket=/cloudsql",
                 "--max-connections=6",
@@ -184,7 +202,10 @@ mod tests {
             true,
         );
         assert_eq!(
-            p.args(ProxyPorts { http: 9801, admin: Some(9091) }),
+            p.args(ProxyPorts {
+                http: 9801,
+                admin: Some(9091)
+            }),
             [
                 "--port=6000",
                 "--max-connections=6",
@@ -204,7 +225,14 @@ mod tests {
 
     #[test]
     fn the_proxy_passes_pod_security_restricted() {
-        let c = proxy("", true).container("cloud-sql-proxy", Some("cloudsql"), ProxyPorts { http: 9801, admin: None });
+        let c = proxy("", true).container(
+            "cloud-sql-proxy",
+            Some("cloudsql"),
+            ProxyPorts {
+                http: 9801,
+                admin: None,
+            },
+        );
         let sc = c.security_context.unwrap();
         assert_eq!(sc.run_as_non_root, Some(true));
         assert_eq!(sc.allow_privilege_escalation, Some(false));

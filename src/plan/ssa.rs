@@ -68,7 +68,10 @@ fn to_json<T: Serialize>(value: &T) -> Value {
 fn our_annotations(merged: &Merged, extra: &[&str]) -> Map<String, Value> {
     let mut out = Map::new();
     if let Some(annotations) = &merged.annotations {
-        for key in [CONFIG_HASH_ANNOTATION, INJECTED_ANNOTATION].iter().chain(extra) {
+        for key in [CONFIG_HASH_ANNOTATION, INJECTED_ANNOTATION]
+            .iter()
+            .chain(extra)
+        {
             if let Some(value) = annotations.get(*key) {
                 out.insert((*key).to_owned(), Value::String(value.clone()));
             }
@@ -77,7 +80,10 @@ fn our_annotations(merged: &Merged, extra: &[&str]) -> Map<String, Value> {
     out
 }
 
-fn template_object(annotations: Map<String, Value>, spec: Map<String, Value>) -> Map<String, Value> {
+fn template_object(
+    annotations: Map<String, Value>,
+    spec: Map<String, Value>,
+) -> Map<String, Value> {
     let mut template = Map::new();
     if !annotations.is_empty() {
         template.insert("metadata".to_owned(), json!({ "annotations": annotations }));
@@ -143,7 +149,11 @@ fn kubernetes_template(merged: &Merged) -> Map<String, Value> {
         .collect();
 
     let mut spec = Map::new();
-    for (key, list) in [("initContainers", init_containers), ("containers", containers), ("volumes", volumes)] {
+    for (key, list) in [
+        ("initContainers", init_containers),
+        ("containers", containers),
+        ("volumes", volumes),
+    ] {
         if !list.is_empty() {
             spec.insert(key.to_owned(), Value::Array(list));
         }
@@ -169,10 +179,18 @@ fn cloud_run_template(merged: &Merged) -> Map<String, Value> {
         .collect();
     let mut spec = Map::new();
     spec.insert("containers".to_owned(), Value::Array(containers));
-    template_object(our_annotations(merged, &[CLOUD_RUN_INSTANCES_ANNOTATION]), spec)
+    template_object(
+        our_annotations(merged, &[CLOUD_RUN_INSTANCES_ANNOTATION]),
+        spec,
+    )
 }
 
-fn wrap(kind: WorkloadKind, name: &str, namespace: &str, mut template: Map<String, Value>) -> Value {
+fn wrap(
+    kind: WorkloadKind,
+    name: &str,
+    namespace: &str,
+    mut template: Map<String, Value>,
+) -> Value {
     let mut object = Map::new();
     object.insert("apiVersion".to_owned(), json!(kind.api_version()));
     object.insert("kind".to_owned(), json!(kind.object_kind()));
@@ -196,7 +214,9 @@ fn wrap(kind: WorkloadKind, name: &str, namespace: &str, mut template: Map<Strin
             if !template.is_empty() {
                 let template = Value::Object(template);
                 let spec = match kind {
-                    WorkloadKind::CronJob => json!({ "jobTemplate": { "spec": { "template": template } } }),
+                    WorkloadKind::CronJob => {
+                        json!({ "jobTemplate": { "spec": { "template": template } } })
+                    }
                     _ => json!({ "template": template }),
                 };
                 object.insert("spec".to_owned(), spec);
@@ -213,22 +233,51 @@ mod tests {
     use crate::plan::{Grant, InjectionPlan, TargetCapabilities};
 
     fn injection(extra: &str) -> PodInjection {
-        PodInjection::new(vec![plan_of(&binding("shop", "orders-api", extra), 10, true)])
+        PodInjection::new(vec![plan_of(
+            &binding("shop", "orders-api", extra),
+            10,
+            true,
+        )])
     }
 
     #[test]
     fn the_partial_holds_only_our_fields() {
         let pod = pod_with_app();
         let partial = injection("")
-            .ssa_partial(WorkloadKind::Deployment, "orders-api", "shop", &pod, &BTreeMap::new())
+            .ssa_partial(
+                WorkloadKind::Deployment,
+                "orders-api",
+                "shop",
+                &pod,
+                &BTreeMap::new(),
+            )
             .unwrap();
         let template = &partial["spec"]["template"];
         let app = &template["spec"]["containers"][0];
         assert_eq!(app["name"], "api");
-        assert!(app.get("image").is_none(), "the user's image is not ours: {app}");
-        let env_names: Vec<&str> = app["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
-        assert_eq!(env_names, ["INSTANCE_UNIX_SOCKET", "DB_NAME", "DB_USER", "DB_POOL_MAX_CONNS"]);
-        assert_eq!(template["spec"]["initContainers"][0]["name"], "cloud-sql-proxy");
+        assert!(
+            app.get("image").is_none(),
+            "the user's image is not ours: {app}"
+        );
+        let env_names: Vec<&str> = app["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            env_names,
+            [
+                "INSTANCE_UNIX_SOCKET",
+                "DB_NAME",
+                "DB_USER",
+                "DB_POOL_MAX_CONNS"
+            ]
+        );
+        assert_eq!(
+            template["spec"]["initContainers"][0]["name"],
+            "cloud-sql-proxy"
+        );
         assert_eq!(template["spec"]["volumes"][0]["name"], "cloudsql");
         assert!(template["metadata"]["annotations"][CONFIG_HASH_ANNOTATION].is_string());
         assert_eq!(partial["metadata"]["namespace"], "shop");
@@ -251,9 +300,17 @@ mod tests {
     #[test]
     fn a_cron_job_template_sits_under_the_job_template() {
         let partial = injection("")
-            .ssa_partial(WorkloadKind::CronJob, "nightly", "shop", &pod_with_app(), &BTreeMap::new())
+            .ssa_partial(
+                WorkloadKind::CronJob,
+                "nightly",
+                "shop",
+                &pod_with_app(),
+                &BTreeMap::new(),
+            )
             .unwrap();
-        assert!(partial["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"].is_array());
+        assert!(
+            partial["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"].is_array()
+        );
     }
 
     #[test]
@@ -263,9 +320,17 @@ mod tests {
         let mut annotations = BTreeMap::new();
         let inj = injection("");
         let partial = inj
-            .ssa_partial(WorkloadKind::KnativeService, "web", "shop", &pod, &annotations)
+            .ssa_partial(
+                WorkloadKind::KnativeService,
+                "web",
+                "shop",
+                &pod,
+                &annotations,
+            )
             .unwrap();
-        let containers = partial["spec"]["template"]["spec"]["containers"].as_array().unwrap();
+        let containers = partial["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap();
         assert_eq!(containers.len(), 1);
         assert!(containers[0].get("name").is_none());
         assert_eq!(containers[0]["image"], "example.com/api:1");
@@ -275,15 +340,31 @@ mod tests {
         );
 
         let mut template_annotations = None;
-        inj.apply_for(WorkloadKind::KnativeService, &mut pod, &mut template_annotations)
-            .unwrap();
+        inj.apply_for(
+            WorkloadKind::KnativeService,
+            &mut pod,
+            &mut template_annotations,
+        )
+        .unwrap();
         annotations = template_annotations.unwrap_or_default();
         let removal = PodInjection::new(vec![])
-            .ssa_partial(WorkloadKind::KnativeService, "web", "shop", &pod, &annotations)
+            .ssa_partial(
+                WorkloadKind::KnativeService,
+                "web",
+                "shop",
+                &pod,
+                &annotations,
+            )
             .unwrap();
-        let containers = removal["spec"]["template"]["spec"]["containers"].as_array().unwrap();
+        let containers = removal["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap();
         assert_eq!(containers.len(), 1);
-        assert_eq!(containers[0]["env"], json!([{ "name": "LOG_LEVEL", "value": "info" }]), "ours is taken out");
+        assert_eq!(
+            containers[0]["env"],
+            json!([{ "name": "LOG_LEVEL", "value": "info" }]),
+            "ours is taken out"
+        );
     }
 
     #[test]
@@ -298,11 +379,19 @@ mod tests {
             &binding("shop", "orders-api", ""),
             &instance(),
             Grant { per_pod: 5 },
-            TargetCapabilities { native_sidecars: true },
+            TargetCapabilities {
+                native_sidecars: true,
+            },
         )
         .unwrap();
         let err = PodInjection::new(vec![plan])
-            .ssa_partial(WorkloadKind::Deployment, "x", "shop", &pod, &BTreeMap::new())
+            .ssa_partial(
+                WorkloadKind::Deployment,
+                "x",
+                "shop",
+                &pod,
+                &BTreeMap::new(),
+            )
             .unwrap_err();
         assert_eq!(
             err[0].to_string(),

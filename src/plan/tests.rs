@@ -2,11 +2,15 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Container, ContainerPort, EnvVar, EnvVarSource, PodSpec, Volume, VolumeMount};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, EnvVarSource, PodSpec, Volume, VolumeMount,
+};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-use crate::api::{CloudSqlBinding, CloudSqlBindingSpec, CloudSqlInstance, CloudSqlInstanceSpec, WorkloadKind};
+use crate::api::{
+    CloudSqlBinding, CloudSqlBindingSpec, CloudSqlInstance, CloudSqlInstanceSpec, WorkloadKind,
+};
 
 use super::*;
 
@@ -52,24 +56,45 @@ pub(crate) fn plan_of(binding: &CloudSqlBinding, grant: u32, native: bool) -> In
     } else {
         instance()
     };
-    InjectionPlan::new(binding, &instance, Grant { per_pod: grant }, TargetCapabilities { native_sidecars: native })
-        .unwrap()
+    InjectionPlan::new(
+        binding,
+        &instance,
+        Grant { per_pod: grant },
+        TargetCapabilities {
+            native_sidecars: native,
+        },
+    )
+    .unwrap()
 }
 
 fn env(name: &str, value: &str) -> EnvVar {
-    EnvVar { name: name.into(), value: Some(value.into()), value_from: None }
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
 }
 
 fn container(name: &str) -> Container {
-    Container { name: name.into(), image: Some(format!("example.com/{name}:1")), ..Container::default() }
+    Container {
+        name: name.into(),
+        image: Some(format!("example.com/{name}:1")),
+        ..Container::default()
+    }
 }
 
 /// One app container `api` with `LOG_LEVEL=info` and port 8080.
 pub(crate) fn pod_with_app() -> PodSpec {
     let mut api = container("api");
     api.env = Some(vec![env("LOG_LEVEL", "info")]);
-    api.ports = Some(vec![ContainerPort { container_port: 8080, ..ContainerPort::default() }]);
-    PodSpec { containers: vec![api], ..PodSpec::default() }
+    api.ports = Some(vec![ContainerPort {
+        container_port: 8080,
+        ..ContainerPort::default()
+    }]);
+    PodSpec {
+        containers: vec![api],
+        ..PodSpec::default()
+    }
 }
 
 fn env_of<'a>(pod: &'a PodSpec, container: &str) -> Vec<(&'a str, &'a str)> {
@@ -88,7 +113,11 @@ fn names(containers: &[Container]) -> Vec<&str> {
 }
 
 fn one(extra: &str) -> PodInjection {
-    PodInjection::new(vec![plan_of(&binding("shop", "orders-api", extra), 10, true)])
+    PodInjection::new(vec![plan_of(
+        &binding("shop", "orders-api", extra),
+        10,
+        true,
+    )])
 }
 
 // ---------------------------------------------------------------- examples
@@ -102,7 +131,10 @@ fn unix_socket_injection_mounts_the_socket_volume_in_app_and_proxy() {
         env_of(&pod, "api"),
         [
             ("LOG_LEVEL", "info"),
-            ("INSTANCE_UNIX_SOCKET", "/cloudsql/my-project:asia-northeast3:orders"),
+            (
+                "INSTANCE_UNIX_SOCKET",
+                "/cloudsql/my-project:asia-northeast3:orders"
+            ),
             ("DB_NAME", "orders"),
             ("DB_USER", "orders-app"),
             ("DB_POOL_MAX_CONNS", "10"),
@@ -111,10 +143,19 @@ fn unix_socket_injection_mounts_the_socket_volume_in_app_and_proxy() {
     let proxy = &pod.init_containers.as_ref().unwrap()[0];
     assert_eq!(proxy.name, "cloud-sql-proxy");
     assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
-    assert_eq!(proxy.volume_mounts.as_ref().unwrap()[0].mount_path, "/cloudsql");
-    assert_eq!(pod.containers[0].volume_mounts.as_ref().unwrap()[0].name, "cloudsql");
+    assert_eq!(
+        proxy.volume_mounts.as_ref().unwrap()[0].mount_path,
+        "/cloudsql"
+    );
+    assert_eq!(
+        pod.containers[0].volume_mounts.as_ref().unwrap()[0].name,
+        "cloudsql"
+    );
     let volume = &pod.volumes.as_ref().unwrap()[0];
-    assert_eq!(volume.empty_dir.as_ref().unwrap().medium.as_deref(), Some("Memory"));
+    assert_eq!(
+        volume.empty_dir.as_ref().unwrap().medium.as_deref(),
+        Some("Memory")
+    );
     assert_eq!(annotations[CONFIG_HASH_ANNOTATION], one("").config_hash());
     assert!(annotations.contains_key(INJECTED_ANNOTATION));
 }
@@ -137,10 +178,15 @@ fn removing_a_binding_leaves_user_env_untouched() {
     let original = pod_with_app();
     let mut pod = original.clone();
     let mut annotations = Some(BTreeMap::from([("team".to_owned(), "shop".to_owned())]));
-    one("").apply_for(WorkloadKind::Deployment, &mut pod, &mut annotations).unwrap();
+    one("")
+        .apply_for(WorkloadKind::Deployment, &mut pod, &mut annotations)
+        .unwrap();
     remove_for(&mut pod, &mut annotations);
     assert_eq!(pod, original);
-    assert_eq!(annotations, Some(BTreeMap::from([("team".to_owned(), "shop".to_owned())])));
+    assert_eq!(
+        annotations,
+        Some(BTreeMap::from([("team".to_owned(), "shop".to_owned())]))
+    );
 }
 
 #[test]
@@ -148,7 +194,9 @@ fn removing_restores_a_template_that_had_no_annotations() {
     let original = pod_with_app();
     let mut pod = original.clone();
     let mut annotations = None;
-    one("").apply_for(WorkloadKind::Deployment, &mut pod, &mut annotations).unwrap();
+    one("")
+        .apply_for(WorkloadKind::Deployment, &mut pod, &mut annotations)
+        .unwrap();
     assert!(annotations.is_some());
     remove_for(&mut pod, &mut annotations);
     assert_eq!((pod, annotations), (original, None));
@@ -157,11 +205,18 @@ fn removing_restores_a_template_that_had_no_annotations() {
 #[test]
 fn a_user_value_identical_to_ours_stays_the_users() {
     let mut pod = pod_with_app();
-    pod.containers[0].env.as_mut().unwrap().push(env("DB_NAME", "orders"));
+    pod.containers[0]
+        .env
+        .as_mut()
+        .unwrap()
+        .push(env("DB_NAME", "orders"));
     let original = pod.clone();
     let mut annotations = BTreeMap::new();
     one("").apply(&mut pod, &mut annotations).unwrap();
-    let db_names = env_of(&pod, "api").iter().filter(|(n, _)| *n == "DB_NAME").count();
+    let db_names = env_of(&pod, "api")
+        .iter()
+        .filter(|(n, _)| *n == "DB_NAME")
+        .count();
     assert_eq!(db_names, 1, "not duplicated");
     remove(&mut pod, &mut annotations);
     assert_eq!(pod, original, "and not removed with ours");
@@ -170,7 +225,11 @@ fn a_user_value_identical_to_ours_stays_the_users() {
 #[test]
 fn a_different_user_value_is_a_conflict_and_nothing_changes() {
     let mut pod = pod_with_app();
-    pod.containers[0].env.as_mut().unwrap().push(env("DB_NAME", "legacy"));
+    pod.containers[0]
+        .env
+        .as_mut()
+        .unwrap()
+        .push(env("DB_NAME", "legacy"));
     pod.containers[0].env.as_mut().unwrap().push(EnvVar {
         name: "DB_USER".into(),
         value: None,
@@ -195,13 +254,22 @@ fn a_different_user_value_is_a_conflict_and_nothing_changes() {
 fn a_user_container_or_volume_with_our_name_keeps_it_and_ours_moves_aside() {
     let mut pod = pod_with_app();
     pod.containers.push(container("cloud-sql-proxy"));
-    pod.volumes = Some(vec![Volume { name: "cloudsql".into(), ..Volume::default() }]);
-    one("containers: [api]\n").apply(&mut pod, &mut BTreeMap::new()).unwrap();
+    pod.volumes = Some(vec![Volume {
+        name: "cloudsql".into(),
+        ..Volume::default()
+    }]);
+    one("containers: [api]\n")
+        .apply(&mut pod, &mut BTreeMap::new())
+        .unwrap();
     let proxy = &pod.init_containers.as_ref().unwrap()[0];
     assert_eq!(proxy.name, "cloud-sql-proxy-1");
     assert_eq!(proxy.volume_mounts.as_ref().unwrap()[0].name, "cloudsql-1");
     assert_eq!(pod.volumes.as_ref().unwrap()[1].name, "cloudsql-1");
-    assert_eq!(env_of(&pod, "cloud-sql-proxy"), [], "not selected by spec.containers");
+    assert_eq!(
+        env_of(&pod, "cloud-sql-proxy"),
+        [],
+        "not selected by spec.containers"
+    );
 }
 
 #[test]
@@ -209,7 +277,10 @@ fn health_ports_skip_the_ports_the_pod_uses() {
     let mut pod = pod_with_app();
     pod.containers[0].ports = Some(
         [9801, 9802, 9091]
-            .map(|p| ContainerPort { container_port: p, ..ContainerPort::default() })
+            .map(|p| ContainerPort {
+                container_port: p,
+                ..ContainerPort::default()
+            })
             .to_vec(),
     );
     let inj = PodInjection::new(vec![plan_of(&binding("shop", "orders-api", ""), 10, false)]);
@@ -217,8 +288,17 @@ fn health_ports_skip_the_ports_the_pod_uses() {
     let args = pod.containers[1].args.clone().unwrap();
     assert!(args.contains(&"--http-port=9803".to_owned()), "{args:?}");
     assert!(args.contains(&"--admin-port=9092".to_owned()), "{args:?}");
-    assert_eq!(pod.containers[1].startup_probe.as_ref().unwrap().http_get.as_ref().unwrap().port,
-        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9803));
+    assert_eq!(
+        pod.containers[1]
+            .startup_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(9803)
+    );
 }
 
 #[test]
@@ -233,11 +313,36 @@ fn two_bindings_get_two_proxies_named_after_them_with_distinct_ports() {
     let mut pod = pod_with_app();
     inj.apply(&mut pod, &mut BTreeMap::new()).unwrap();
     let init = pod.init_containers.as_ref().unwrap();
-    assert_eq!(names(init), ["cloud-sql-proxy-billing", "cloud-sql-proxy-orders-api"]);
-    assert!(init[0].args.as_ref().unwrap().contains(&"--http-port=9801".to_owned()));
-    assert!(init[1].args.as_ref().unwrap().contains(&"--http-port=9802".to_owned()));
-    assert!(init[0].args.as_ref().unwrap().contains(&"--max-connections=4".to_owned()));
-    assert_eq!(pod.volumes.as_ref().unwrap().len(), 1, "one socket directory for both");
+    assert_eq!(
+        names(init),
+        ["cloud-sql-proxy-billing", "cloud-sql-proxy-orders-api"]
+    );
+    assert!(
+        init[0]
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&"--http-port=9801".to_owned())
+    );
+    assert!(
+        init[1]
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&"--http-port=9802".to_owned())
+    );
+    assert!(
+        init[0]
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&"--max-connections=4".to_owned())
+    );
+    assert_eq!(
+        pod.volumes.as_ref().unwrap().len(),
+        1,
+        "one socket directory for both"
+    );
     assert_eq!(pod.containers[0].volume_mounts.as_ref().unwrap().len(), 1);
 }
 
@@ -246,12 +351,17 @@ fn two_bindings_setting_one_env_name_differently_conflict_naming_both() {
     let orders = binding("shop", "orders-api", "");
     let billing = binding("shop", "billing", "instanceRef: { name: billing }\n");
     let inj = PodInjection::new(vec![plan_of(&orders, 10, true), plan_of(&billing, 4, true)]);
-    let conflicts = inj.apply(&mut pod_with_app(), &mut BTreeMap::new()).unwrap_err();
+    let conflicts = inj
+        .apply(&mut pod_with_app(), &mut BTreeMap::new())
+        .unwrap_err();
     let socket = conflicts
         .iter()
         .find(|c| matches!(&c.kind, ConflictKind::BindingEnv { name, .. } if name == "INSTANCE_UNIX_SOCKET"))
         .unwrap();
-    assert_eq!(socket.binding.name, "orders-api", "the later binding in key order is refused");
+    assert_eq!(
+        socket.binding.name, "orders-api",
+        "the later binding in key order is refused"
+    );
     assert_eq!(
         socket.to_string(),
         r#"container "api": binding shop/billing sets INSTANCE_UNIX_SOCKET="/cloudsql/my-project:asia-northeast3:billing"; binding shop/orders-api would set "/cloudsql/my-project:asia-northeast3:orders" (give one of them another env name in spec.env, or select other containers)"#
@@ -260,8 +370,13 @@ fn two_bindings_setting_one_env_name_differently_conflict_naming_both() {
 
 #[test]
 fn a_binding_selecting_no_container_of_the_pod_is_a_conflict() {
-    let conflicts = one("containers: [web]\n").apply(&mut pod_with_app(), &mut BTreeMap::new()).unwrap_err();
-    assert!(matches!(conflicts[0].kind, ConflictKind::NoSelectedContainer { .. }));
+    let conflicts = one("containers: [web]\n")
+        .apply(&mut pod_with_app(), &mut BTreeMap::new())
+        .unwrap_err();
+    assert!(matches!(
+        conflicts[0].kind,
+        ConflictKind::NoSelectedContainer { .. }
+    ));
 }
 
 #[test]
@@ -282,22 +397,49 @@ fn cloud_run_gets_the_instances_annotation_and_env_but_no_sidecar() {
     )]));
     let original = (pod.clone(), annotations.clone());
     let inj = one("containers: [web]\n");
-    inj.apply_for(WorkloadKind::KnativeService, &mut pod, &mut annotations).unwrap();
+    inj.apply_for(WorkloadKind::KnativeService, &mut pod, &mut annotations)
+        .unwrap();
     assert!(pod.init_containers.is_none() && pod.volumes.is_none() && pod.containers.len() == 1);
-    assert_eq!(env_of(&pod, "").len(), 5, "the unnamed first container is the app");
+    assert_eq!(
+        env_of(&pod, "").len(),
+        5,
+        "the unnamed first container is the app"
+    );
     let map = annotations.as_ref().unwrap();
-    assert_eq!(map[CLOUD_RUN_INSTANCES_ANNOTATION], "other:us-central1:db,my-project:asia-northeast3:orders");
+    assert_eq!(
+        map[CLOUD_RUN_INSTANCES_ANNOTATION],
+        "other:us-central1:db,my-project:asia-northeast3:orders"
+    );
 
-    let other = binding("shop", "b", "instanceRef: { name: billing }\nenv: { unixSocket: B_SOCK, database: B_DB, user: B_USER, poolMax: B_POOL }\n");
-    let two = PodInjection::new(vec![plan_of(&binding("shop", "orders-api", ""), 10, true), plan_of(&other, 3, true)]);
+    let other = binding(
+        "shop",
+        "b",
+        "instanceRef: { name: billing }\nenv: { unixSocket: B_SOCK, database: B_DB, user: B_USER, poolMax: B_POOL }\n",
+    );
+    let two = PodInjection::new(vec![
+        plan_of(&binding("shop", "orders-api", ""), 10, true),
+        plan_of(&other, 3, true),
+    ]);
     let (mut pod, mut annotations) = original.clone();
-    two.apply_for(WorkloadKind::KnativeService, &mut pod, &mut annotations).unwrap();
+    two.apply_for(WorkloadKind::KnativeService, &mut pod, &mut annotations)
+        .unwrap();
     assert_eq!(
         annotations.as_ref().unwrap()[CLOUD_RUN_INSTANCES_ANNOTATION],
         "other:us-central1:db,my-project:asia-northeast3:orders,my-project:asia-northeast3:billing"
     );
     remove_for(&mut pod, &mut annotations);
     assert_eq!((pod, annotations), original);
+}
+
+#[test]
+fn proxy_settings_do_not_roll_a_cloud_run_service() {
+    let plain = one("");
+    let other_image = one("proxy: { image: example.com/proxy:9 }\n");
+    assert_ne!(plain.config_hash(), other_image.config_hash());
+    assert_eq!(
+        plain.config_hash_for(WorkloadKind::KnativeService),
+        other_image.config_hash_for(WorkloadKind::KnativeService)
+    );
 }
 
 #[test]
@@ -308,7 +450,13 @@ fn injecting_over_a_previous_injection_replaces_it() {
     let connector = one("mode: Connector\n");
     connector.apply(&mut pod, &mut annotations).unwrap();
     assert!(pod.init_containers.is_none() && pod.volumes.is_none());
-    assert_eq!(env_of(&pod, "api")[1], ("INSTANCE_CONNECTION_NAME", "my-project:asia-northeast3:orders"));
+    assert_eq!(
+        env_of(&pod, "api")[1],
+        (
+            "INSTANCE_CONNECTION_NAME",
+            "my-project:asia-northeast3:orders"
+        )
+    );
     assert_eq!(annotations[CONFIG_HASH_ANNOTATION], connector.config_hash());
 }
 
@@ -317,18 +465,34 @@ fn an_empty_injection_takes_ours_out() {
     let original = pod_with_app();
     let mut pod = original.clone();
     let mut annotations = None;
-    one("").apply_for(WorkloadKind::Deployment, &mut pod, &mut annotations).unwrap();
-    PodInjection::new(vec![]).apply_for(WorkloadKind::Deployment, &mut pod, &mut annotations).unwrap();
+    one("")
+        .apply_for(WorkloadKind::Deployment, &mut pod, &mut annotations)
+        .unwrap();
+    PodInjection::new(vec![])
+        .apply_for(WorkloadKind::Deployment, &mut pod, &mut annotations)
+        .unwrap();
     assert_eq!((pod, annotations), (original, None));
 }
 
 // ---------------------------------------------------------------- properties
 
-const ENV_NAMES: [&str; 7] = ["LOG_LEVEL", "DB_NAME", "DB_USER", "DB_POOL_MAX_CONNS", "INSTANCE_UNIX_SOCKET", "PORT", "X"];
+const ENV_NAMES: [&str; 7] = [
+    "LOG_LEVEL",
+    "DB_NAME",
+    "DB_USER",
+    "DB_POOL_MAX_CONNS",
+    "INSTANCE_UNIX_SOCKET",
+    "PORT",
+    "X",
+];
 const ENV_VALUES: [&str; 5] = ["info", "orders", "orders-app", "10", "legacy"];
 
 fn arb_env() -> impl Strategy<Value = Option<Vec<EnvVar>>> {
-    let item = (prop::sample::select(&ENV_NAMES[..]), prop::sample::select(&ENV_VALUES[..]), prop::bool::weighted(0.1))
+    let item = (
+        prop::sample::select(&ENV_NAMES[..]),
+        prop::sample::select(&ENV_VALUES[..]),
+        prop::bool::weighted(0.1),
+    )
         .prop_map(|(name, value, from)| EnvVar {
             name: name.into(),
             value: (!from).then(|| value.into()),
@@ -339,24 +503,50 @@ fn arb_env() -> impl Strategy<Value = Option<Vec<EnvVar>>> {
 
 fn arb_ports() -> impl Strategy<Value = Option<Vec<ContainerPort>>> {
     prop::option::of(prop::collection::vec(
-        prop::sample::select(&[8080, 9801, 9802, 9091, 5432][..])
-            .prop_map(|p| ContainerPort { container_port: p, ..ContainerPort::default() }),
+        prop::sample::select(&[8080, 9801, 9802, 9091, 5432][..]).prop_map(|p| ContainerPort {
+            container_port: p,
+            ..ContainerPort::default()
+        }),
         0..3,
     ))
 }
 
 fn arb_mounts() -> impl Strategy<Value = Option<Vec<VolumeMount>>> {
     prop::option::of(prop::collection::vec(
-        prop::sample::select(&[("data", "/data"), ("cache", "/cache"), ("data", "/cloudsql")][..]).prop_map(|(n, p)| {
-            VolumeMount { name: n.into(), mount_path: p.into(), ..VolumeMount::default() }
+        prop::sample::select(
+            &[
+                ("data", "/data"),
+                ("cache", "/cache"),
+                ("data", "/cloudsql"),
+            ][..],
+        )
+        .prop_map(|(n, p)| VolumeMount {
+            name: n.into(),
+            mount_path: p.into(),
+            ..VolumeMount::default()
         }),
         0..2,
     ))
 }
 
 fn arb_container(name: &'static str) -> impl Strategy<Value = Container> {
-    (arb_env(), arb_ports(), prop::bool::weighted(0.15).prop_flat_map(|m| if m { arb_mounts().boxed() } else { Just(None).boxed() }))
-        .prop_map(move |(env, ports, volume_mounts)| Container { env, ports, volume_mounts, ..container(name) })
+    (
+        arb_env(),
+        arb_ports(),
+        prop::bool::weighted(0.15).prop_flat_map(|m| {
+            if m {
+                arb_mounts().boxed()
+            } else {
+                Just(None).boxed()
+            }
+        }),
+    )
+        .prop_map(move |(env, ports, volume_mounts)| Container {
+            env,
+            ports,
+            volume_mounts,
+            ..container(name)
+        })
 }
 
 prop_compose! {
@@ -374,8 +564,17 @@ prop_compose! {
 
 fn arb_annotations() -> impl Strategy<Value = Option<BTreeMap<String, String>>> {
     prop::option::of(prop::collection::btree_map(
-        prop::sample::select(&["team", "owner", CLOUD_RUN_INSTANCES_ANNOTATION][..]).prop_map(str::to_owned),
-        prop::sample::select(&["shop", "", "my-project:asia-northeast3:orders", "a:b:c, d:e:f,"][..]).prop_map(str::to_owned),
+        prop::sample::select(&["team", "owner", CLOUD_RUN_INSTANCES_ANNOTATION][..])
+            .prop_map(str::to_owned),
+        prop::sample::select(
+            &[
+                "shop",
+                "",
+                "my-project:asia-northeast3:orders",
+                "a:b:c, d:e:f,",
+            ][..],
+        )
+        .prop_map(str::to_owned),
         0..3,
     ))
 }
@@ -385,11 +584,20 @@ const BINDING_SETS: [&[(&str, &str)]; 7] = [
     &[("orders-api", "")],
     &[("orders-api", "proxy: { socket: TCP }\n")],
     &[("orders-api", "mode: Connector\nnetwork: Private\n")],
-    &[("orders-api", "network: PSC\ndatabase: { name: orders, user: u@p.iam, iamAuth: true }\nproxy: { sidecar: Container }\n")],
-    &[("orders-api", "containers: [api, worker]\nproxy: { sidecar: Native }\n")],
+    &[(
+        "orders-api",
+        "network: PSC\ndatabase: { name: orders, user: u@p.iam, iamAuth: true }\nproxy: { sidecar: Container }\n",
+    )],
+    &[(
+        "orders-api",
+        "containers: [api, worker]\nproxy: { sidecar: Native }\n",
+    )],
     &[
         ("orders-api", ""),
-        ("billing", "instanceRef: { name: billing }\nenv: { unixSocket: B_SOCK, database: B_DB, user: B_USER, poolMax: B_POOL }\n"),
+        (
+            "billing",
+            "instanceRef: { name: billing }\nenv: { unixSocket: B_SOCK, database: B_DB, user: B_USER, poolMax: B_POOL }\n",
+        ),
     ],
     &[("orders-api", ""), ("zz", "mode: Connector\n")],
 ];
@@ -404,7 +612,13 @@ fn injection_of(set: usize, grant: u32, native: bool) -> PodInjection {
 }
 
 fn arb_kind() -> impl Strategy<Value = WorkloadKind> {
-    prop::sample::select(&[WorkloadKind::Deployment, WorkloadKind::Job, WorkloadKind::KnativeService][..])
+    prop::sample::select(
+        &[
+            WorkloadKind::Deployment,
+            WorkloadKind::Job,
+            WorkloadKind::KnativeService,
+        ][..],
+    )
 }
 
 type Template = (PodSpec, Option<BTreeMap<String, String>>);
@@ -412,7 +626,11 @@ type Template = (PodSpec, Option<BTreeMap<String, String>>);
 /// `template` with the grant-dependent values blanked: pool env values,
 /// `--max-connections` and the config hash.
 fn without_pool_values((mut pod, mut annotations): Template) -> Template {
-    for c in pod.containers.iter_mut().chain(pod.init_containers.iter_mut().flatten()) {
+    for c in pod
+        .containers
+        .iter_mut()
+        .chain(pod.init_containers.iter_mut().flatten())
+    {
         for e in c.env.iter_mut().flatten() {
             if e.name == "DB_POOL_MAX_CONNS" || e.name == "B_POOL" {
                 e.value = None;
@@ -483,11 +701,9 @@ proptest! {
                 let stripped = Container { env: before.env.clone(), volume_mounts: before.volume_mounts.clone(), ..after.clone() };
                 prop_assert_eq!(&stripped, before);
             }
-            for (list_before, list_after) in [(&pod.init_containers, &injected.init_containers)] {
-                let b = list_before.clone().unwrap_or_default();
-                let a = list_after.clone().unwrap_or_default();
-                prop_assert_eq!(&a[..b.len()], &b[..]);
-            }
+            let ib = pod.init_containers.clone().unwrap_or_default();
+            let ia = injected.init_containers.clone().unwrap_or_default();
+            prop_assert_eq!(&ia[..ib.len()], &ib[..]);
             let vb = pod.volumes.clone().unwrap_or_default();
             let va = injected.volumes.clone().unwrap_or_default();
             prop_assert_eq!(&va[..vb.len()], &vb[..]);

@@ -31,25 +31,36 @@ async fn a_deployment_gets_a_replicaset_and_its_pods_from_the_controller_manager
     let ns = TestNamespace::new("foundation-rollout", &[]).await;
     let deployments = ns.api::<Deployment>();
     deployments
-        .patch("web", &PatchParams::apply("test"), &Patch::Apply(deployment("web", 2)))
+        .patch(
+            "web",
+            &PatchParams::apply("test"),
+            &Patch::Apply(deployment("web", 2)),
+        )
         .await
         .expect("applying a Deployment");
 
     let replicasets = ns.api::<ReplicaSet>();
-    eventually(Duration::from_secs(60), "a ReplicaSet owned by the Deployment", || {
-        let replicasets = replicasets.clone();
-        async move {
-            replicasets.list(&ListParams::default()).await.is_ok_and(|l| {
-                l.items.iter().any(|rs| {
-                    rs.metadata
-                        .owner_references
-                        .iter()
-                        .flatten()
-                        .any(|o| o.kind == "Deployment" && o.name == "web")
-                })
-            })
-        }
-    })
+    eventually(
+        Duration::from_secs(60),
+        "a ReplicaSet owned by the Deployment",
+        || {
+            let replicasets = replicasets.clone();
+            async move {
+                replicasets
+                    .list(&ListParams::default())
+                    .await
+                    .is_ok_and(|l| {
+                        l.items.iter().any(|rs| {
+                            rs.metadata
+                                .owner_references
+                                .iter()
+                                .flatten()
+                                .any(|o| o.kind == "Deployment" && o.name == "web")
+                        })
+                    })
+            }
+        },
+    )
     .await;
 
     let pods = ns.api::<Pod>();
@@ -126,7 +137,10 @@ async fn server_side_apply_keeps_each_managers_env_entries_and_removes_only_what
         .patch(
             "api",
             &PatchParams::apply("injector"),
-            &Patch::Apply(env_patch("api", json!([{"name": "DB_NAME", "value": "orders"}]))),
+            &Patch::Apply(env_patch(
+                "api",
+                json!([{"name": "DB_NAME", "value": "orders"}]),
+            )),
         )
         .await
         .expect("the injector's second apply");

@@ -29,7 +29,9 @@ fn install_crypto_provider() {
 /// the path of its admin kubeconfig. Panics with the script's reason when it
 /// cannot: a test without a control plane fails, it never skips.
 pub fn kubeconfig_path() -> PathBuf {
-    let mut guard = CLUSTER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut guard = CLUSTER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(path) = guard.as_ref() {
         return path.clone();
     }
@@ -93,10 +95,14 @@ impl TestNamespace {
             .await
             .expect("creating the test namespace");
         let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
-        eventually(Duration::from_secs(30), "the default ServiceAccount", || {
-            let sas = sas.clone();
-            async move { sas.get_opt("default").await.ok().flatten().is_some() }
-        })
+        eventually(
+            Duration::from_secs(30),
+            "the default ServiceAccount",
+            || {
+                let sas = sas.clone();
+                async move { sas.get_opt("default").await.ok().flatten().is_some() }
+            },
+        )
         .await;
         TestNamespace { name, client }
     }
@@ -119,7 +125,13 @@ impl Drop for TestNamespace {
         let kubeconfig = kubeconfig_path();
         let _ = Command::new("kubectl")
             .env("KUBECONFIG", kubeconfig)
-            .args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"])
+            .args([
+                "delete",
+                "namespace",
+                &self.name,
+                "--wait=false",
+                "--ignore-not-found",
+            ])
             .output();
     }
 }
@@ -169,18 +181,25 @@ pub async fn install_crds(client: &Client) {
         .await
         .expect("applying a CRD");
         let crds = crds.clone();
-        eventually(Duration::from_secs(30), &format!("CRD {name} Established"), || {
-            let crds = crds.clone();
-            let name = name.clone();
-            async move {
-                crds.get(&name)
-                    .await
-                    .ok()
-                    .and_then(|c| c.status)
-                    .and_then(|s| s.conditions)
-                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"))
-            }
-        })
+        eventually(
+            Duration::from_secs(30),
+            &format!("CRD {name} Established"),
+            || {
+                let crds = crds.clone();
+                let name = name.clone();
+                async move {
+                    crds.get(&name)
+                        .await
+                        .ok()
+                        .and_then(|c| c.status)
+                        .and_then(|s| s.conditions)
+                        .is_some_and(|cs| {
+                            cs.iter()
+                                .any(|c| c.type_ == "Established" && c.status == "True")
+                        })
+                }
+            },
+        )
         .await;
     }
 }
@@ -225,11 +244,85 @@ pub async fn install_knative_serving_crd() {
         String::from_utf8_lossy(&output.stderr)
     );
     let path = String::from_utf8_lossy(&output.stdout).trim().to_string();
-    let (ok, _, err) = kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &path], None);
-    assert!(ok, "installing the Knative Service CRD: {err}");
     let (ok, _, err) = kubectl(
-        &["wait", "--for=condition=Established", "--timeout=60s", "crd/services.serving.knative.dev"],
+        &["apply", "--server-side", "--force-conflicts", "-f", &path],
         None,
     );
-    assert!(ok, "the Knative Service CRD did not become Established: {err}");
+    assert!(ok, "installing the Knative Service CRD: {err}");
+    let (ok, _, err) = kubectl(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/services.serving.knative.dev",
+        ],
+        None,
+    );
+    assert!(
+        ok,
+        "the Knative Service CRD did not become Established: {err}"
+    );
+}
+
+/// The operator running in this test process, limited to the given namespaces.
+pub struct Operator {
+    pub metrics: std::sync::Arc<cloudsql_binder::telemetry::Metrics>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Operator {
+    /// Starts the controllers for `namespaces` and waits until their caches synced.
+    pub async fn start(namespaces: &[&str]) -> Operator {
+        let client = client().await;
+        let metrics = std::sync::Arc::new(cloudsql_binder::telemetry::Metrics::default());
+        let readiness = std::sync::Arc::new(cloudsql_binder::telemetry::Readiness::default());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let options = cloudsql_binder::controller::Options {
+            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+            reporter_instance: Some("integration-test".into()),
+            native_sidecars: None,
+        };
+        let handle = tokio::spawn(cloudsql_binder::controller::run(
+            client,
+            options,
+            metrics.clone(),
+            readiness.clone(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        eventually(
+            Duration::from_secs(60),
+            "the operator's caches to sync",
+            || {
+                let readiness = readiness.clone();
+                async move { readiness.is_ready() }
+            },
+        )
+        .await;
+        Operator {
+            metrics,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops the controllers and waits for them to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(20), handle).await;
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
 }
