@@ -15,6 +15,11 @@ components=(etcd kube-apiserver kube-controller-manager)
 
 fail() { echo "cluster-up: $*" >&2; exit 1; }
 
+# One start at a time: parallel test processes all call this script.
+mkdir -p "$(dirname "$state")"
+exec 9>"$state.lock"
+flock 9
+
 # A pid file counts only when its process is alive and runs our binary, so a
 # stale file (crashed run, reused pid) never makes us touch another process.
 ours() { # component -> 0 when its recorded process is alive and ours

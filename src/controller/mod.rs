@@ -24,8 +24,9 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tracing::{info, warn};
 
 use crate::api::{CloudSqlBinding, CloudSqlInstance, WorkloadKind};
@@ -79,9 +80,9 @@ pub struct Context {
     pub caps: TargetCapabilities,
     pub options: Options,
     /// Asks the instance controller to look at an instance again.
-    pub instance_trigger: mpsc::UnboundedSender<ObjectRef<CloudSqlInstance>>,
+    pub instance_trigger: broadcast::Sender<ObjectRef<CloudSqlInstance>>,
     /// Asks the binding controller to look at a binding again.
-    pub binding_trigger: mpsc::UnboundedSender<ObjectRef<CloudSqlBinding>>,
+    pub binding_trigger: broadcast::Sender<ObjectRef<CloudSqlBinding>>,
 }
 
 impl Context {
@@ -152,7 +153,7 @@ fn bindings_for_workload(
 fn spawn_workload_mapper<K, S>(
     stream: S,
     stores: Stores,
-    tx: mpsc::UnboundedSender<ObjectRef<CloudSqlBinding>>,
+    tx: broadcast::Sender<ObjectRef<CloudSqlBinding>>,
 ) where
     K: Workload,
     S: Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -236,7 +237,7 @@ async fn native_sidecars(client: &Client) -> bool {
 fn watch_for_knative(
     client: Client,
     stores: Stores,
-    tx: mpsc::UnboundedSender<ObjectRef<CloudSqlBinding>>,
+    tx: broadcast::Sender<ObjectRef<CloudSqlBinding>>,
 ) {
     tokio::spawn(async move {
         let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -270,120 +271,241 @@ fn watch_for_knative(
     });
 }
 
-/// Runs both controllers until `shutdown` resolves.
-pub async fn run(
-    client: Client,
-    options: Options,
-    metrics: Arc<Metrics>,
-    readiness: Arc<Readiness>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let caps = TargetCapabilities {
-        native_sidecars: match options.native_sidecars {
-            Some(forced) => forced,
-            None => native_sidecars(&client).await,
-        },
-    };
-    let (binding_tx, binding_rx) = mpsc::unbounded_channel();
-    let (instance_tx, instance_rx) = mpsc::unbounded_channel();
+/// Capacity of the trigger channels. A controller that falls further behind
+/// than this resyncs every object (see `triggers`).
+const TRIGGER_CAPACITY: usize = 16_384;
 
-    let bindings_api: Api<CloudSqlBinding> = Api::all(client.clone());
-    let instances_api: Api<CloudSqlInstance> = Api::all(client.clone());
-    let binding_controller =
-        Controller::new(bindings_api, watcher::Config::default().any_semantic());
-    let instance_controller =
-        Controller::new(instances_api, watcher::Config::default().any_semantic());
+/// What every replica keeps of the cluster, leader or not: the synced stores
+/// (read by the reconcilers and the admission webhook) and the channels on
+/// which watch events ask for reconciles.
+pub struct Cluster {
+    /// The stores.
+    pub stores: Stores,
+    /// What the API server supports.
+    pub caps: TargetCapabilities,
+    binding_events: broadcast::Sender<ObjectRef<CloudSqlBinding>>,
+    instance_events: broadcast::Sender<ObjectRef<CloudSqlInstance>>,
+}
 
-    let (deployments, deployment_stream) = reflect(Api::<Deployment>::all(client.clone()));
-    let (stateful_sets, sts_stream) = reflect(Api::<StatefulSet>::all(client.clone()));
-    let (daemon_sets, ds_stream) = reflect(Api::<DaemonSet>::all(client.clone()));
-    let (replica_sets, rs_stream) = reflect(Api::<ReplicaSet>::all(client.clone()));
-    let (cron_jobs, cj_stream) = reflect(Api::<CronJob>::all(client.clone()));
-    let (jobs, job_stream) = reflect(Api::<Job>::all(client.clone()));
-    let (hpas, hpa_stream) = reflect(Api::<HorizontalPodAutoscaler>::all(client.clone()));
+impl Cluster {
+    /// Starts every reflector and returns once all stores have synced.
+    pub async fn start(client: Client, options: &Options) -> Arc<Cluster> {
+        let caps = TargetCapabilities {
+            native_sidecars: match options.native_sidecars {
+                Some(forced) => forced,
+                None => native_sidecars(&client).await,
+            },
+        };
+        let (binding_tx, _) = broadcast::channel(TRIGGER_CAPACITY);
+        let (instance_tx, _) = broadcast::channel(TRIGGER_CAPACITY);
 
-    let stores_cell: Arc<RwLock<Option<Stores>>> = Arc::default();
-    let ns_tx = binding_tx.clone();
-    let ns_cell = stores_cell.clone();
-    let namespaces = spawn_metadata_reflector(
-        Api::<kube::api::PartialObjectMeta<Namespace>>::all(client.clone()),
-        move |ns| {
-            if let Some(stores) = ns_cell.read().ok().and_then(|g| g.clone()) {
-                for b in stores.bindings_in(&ns.name_any()) {
-                    let _ = ns_tx.send(ObjectRef::from_obj(&*b));
-                }
-            }
-        },
-    );
-    let pod_tx = binding_tx.clone();
-    let pod_cell = stores_cell.clone();
-    let pods = spawn_metadata_reflector(
-        Api::<kube::api::PartialObjectMeta<Pod>>::all(client.clone()),
-        move |pod| {
-            if let Some(stores) = pod_cell.read().ok().and_then(|g| g.clone()) {
-                let ns = pod.namespace().unwrap_or_default();
-                for r in bindings_for_workload(
-                    &stores,
-                    WorkloadKind::Pod,
-                    &ns,
-                    &pod.name_any(),
-                    pod.metadata.labels.as_ref(),
-                ) {
-                    let _ = pod_tx.send(r);
-                }
-            }
-        },
-    );
-    let nodes = spawn_metadata_reflector(
-        Api::<kube::api::PartialObjectMeta<Node>>::all(client.clone()),
-        |_| {},
-    );
+        let (deployments, deployment_stream) = reflect(Api::<Deployment>::all(client.clone()));
+        let (stateful_sets, sts_stream) = reflect(Api::<StatefulSet>::all(client.clone()));
+        let (daemon_sets, ds_stream) = reflect(Api::<DaemonSet>::all(client.clone()));
+        let (replica_sets, rs_stream) = reflect(Api::<ReplicaSet>::all(client.clone()));
+        let (cron_jobs, cj_stream) = reflect(Api::<CronJob>::all(client.clone()));
+        let (jobs, job_stream) = reflect(Api::<Job>::all(client.clone()));
+        let (hpas, hpa_stream) = reflect(Api::<HorizontalPodAutoscaler>::all(client.clone()));
+        let (bindings, binding_stream) = reflect(Api::<CloudSqlBinding>::all(client.clone()));
+        let (instances, instance_stream) = reflect(Api::<CloudSqlInstance>::all(client.clone()));
 
-    let stores = Stores {
-        instances: instance_controller.store(),
-        bindings: binding_controller.store(),
-        namespaces,
-        nodes,
-        hpas,
-        deployments,
-        stateful_sets,
-        daemon_sets,
-        replica_sets,
-        cron_jobs,
-        jobs,
-        pods,
-        knative: Arc::default(),
-    };
-    if let Ok(mut guard) = stores_cell.write() {
-        *guard = Some(stores.clone());
-    }
-    spawn_workload_mapper(deployment_stream, stores.clone(), binding_tx.clone());
-    spawn_workload_mapper(sts_stream, stores.clone(), binding_tx.clone());
-    spawn_workload_mapper(ds_stream, stores.clone(), binding_tx.clone());
-    spawn_workload_mapper(rs_stream, stores.clone(), binding_tx.clone());
-    spawn_workload_mapper(cj_stream, stores.clone(), binding_tx.clone());
-    spawn_workload_mapper(job_stream, stores.clone(), binding_tx.clone());
-    watch_for_knative(client.clone(), stores.clone(), binding_tx.clone());
-
-    // HPA changes move max pods: look at every binding of the HPA's namespace.
-    {
-        let stores = stores.clone();
-        let tx = binding_tx.clone();
-        tokio::spawn(async move {
-            let mut stream = std::pin::pin!(hpa_stream);
-            while let Some(item) = stream.next().await {
-                match item {
-                    Ok(hpa) => {
-                        for b in stores.bindings_in(&hpa.namespace().unwrap_or_default()) {
-                            let _ = tx.send(ObjectRef::from_obj(&*b));
-                        }
+        let stores_cell: Arc<RwLock<Option<Stores>>> = Arc::default();
+        let ns_tx = binding_tx.clone();
+        let ns_cell = stores_cell.clone();
+        let namespaces = spawn_metadata_reflector(
+            Api::<kube::api::PartialObjectMeta<Namespace>>::all(client.clone()),
+            move |ns| {
+                if let Some(stores) = ns_cell.read().ok().and_then(|g| g.clone()) {
+                    for b in stores.bindings_in(&ns.name_any()) {
+                        let _ = ns_tx.send(ObjectRef::from_obj(&*b));
                     }
-                    Err(err) => warn!(error = %err, "HorizontalPodAutoscaler watch error"),
+                }
+            },
+        );
+        let pod_tx = binding_tx.clone();
+        let pod_cell = stores_cell.clone();
+        let pods = spawn_metadata_reflector(
+            Api::<kube::api::PartialObjectMeta<Pod>>::all(client.clone()),
+            move |pod| {
+                if let Some(stores) = pod_cell.read().ok().and_then(|g| g.clone()) {
+                    let ns = pod.namespace().unwrap_or_default();
+                    for r in bindings_for_workload(
+                        &stores,
+                        WorkloadKind::Pod,
+                        &ns,
+                        &pod.name_any(),
+                        pod.metadata.labels.as_ref(),
+                    ) {
+                        let _ = pod_tx.send(r);
+                    }
+                }
+            },
+        );
+        let nodes = spawn_metadata_reflector(
+            Api::<kube::api::PartialObjectMeta<Node>>::all(client.clone()),
+            |_| {},
+        );
+
+        let stores = Stores {
+            instances,
+            bindings,
+            namespaces,
+            nodes,
+            hpas,
+            deployments,
+            stateful_sets,
+            daemon_sets,
+            replica_sets,
+            cron_jobs,
+            jobs,
+            pods,
+            knative: Arc::default(),
+        };
+        if let Ok(mut guard) = stores_cell.write() {
+            *guard = Some(stores.clone());
+        }
+        spawn_workload_mapper(deployment_stream, stores.clone(), binding_tx.clone());
+        spawn_workload_mapper(sts_stream, stores.clone(), binding_tx.clone());
+        spawn_workload_mapper(ds_stream, stores.clone(), binding_tx.clone());
+        spawn_workload_mapper(rs_stream, stores.clone(), binding_tx.clone());
+        spawn_workload_mapper(cj_stream, stores.clone(), binding_tx.clone());
+        spawn_workload_mapper(job_stream, stores.clone(), binding_tx.clone());
+        watch_for_knative(client.clone(), stores.clone(), binding_tx.clone());
+
+        // HPA changes move max pods: every binding of the HPA's namespace looks again.
+        spawn_forwarder(hpa_stream, {
+            let stores = stores.clone();
+            let tx = binding_tx.clone();
+            move |hpa: &HorizontalPodAutoscaler| {
+                for b in stores.bindings_in(&hpa.namespace().unwrap_or_default()) {
+                    let _ = tx.send(ObjectRef::from_obj(&*b));
                 }
             }
         });
-    }
+        // A binding changed (as our store sees it): reconcile it.
+        spawn_forwarder(binding_stream, {
+            let tx = binding_tx.clone();
+            move |b: &CloudSqlBinding| {
+                let _ = tx.send(ObjectRef::from_obj(b));
+            }
+        });
+        // An instance created, changed or deleted: it and its bindings look again.
+        spawn_forwarder(instance_stream, {
+            let stores = stores.clone();
+            let tx = binding_tx.clone();
+            let itx = instance_tx.clone();
+            move |instance: &CloudSqlInstance| {
+                let _ = itx.send(ObjectRef::from_obj(instance));
+                for b in stores.bindings_of(&instance.name_any()) {
+                    let _ = tx.send(ObjectRef::from_obj(&*b));
+                }
+            }
+        });
 
+        // Everything reads these stores: return only once they have synced, so
+        // a restart never computes from a half-filled cache (and never writes).
+        store_ready(&stores.deployments).await;
+        store_ready(&stores.stateful_sets).await;
+        store_ready(&stores.daemon_sets).await;
+        store_ready(&stores.replica_sets).await;
+        store_ready(&stores.cron_jobs).await;
+        store_ready(&stores.jobs).await;
+        store_ready(&stores.pods).await;
+        store_ready(&stores.namespaces).await;
+        store_ready(&stores.nodes).await;
+        store_ready(&stores.hpas).await;
+        store_ready(&stores.bindings).await;
+        store_ready(&stores.instances).await;
+        info!("caches synced");
+        Arc::new(Cluster {
+            stores,
+            caps,
+            binding_events: binding_tx,
+            instance_events: instance_tx,
+        })
+    }
+}
+
+/// Drives a reflector stream in the background, calling `on_change` for every touched object.
+fn spawn_forwarder<K, S>(stream: S, on_change: impl Fn(&K) + Send + 'static)
+where
+    K: Resource<DynamicType = ()> + Send + 'static,
+    S: Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(obj) => on_change(&obj),
+                Err(err) => warn!(kind = %K::kind(&()), error = %err, "watch error"),
+            }
+        }
+    });
+}
+
+/// A reconcile trigger stream from a broadcast channel. When the controller
+/// falls behind by more than the channel holds, every known object is
+/// reconciled again (level-triggered: nothing is lost, only repeated).
+fn triggers<K>(
+    rx: broadcast::Receiver<ObjectRef<K>>,
+    all: impl Fn() -> Vec<ObjectRef<K>> + Send + 'static,
+) -> impl Stream<Item = ObjectRef<K>> + Send
+where
+    K: Resource<DynamicType = ()> + Send + Sync + 'static,
+{
+    BroadcastStream::new(rx).flat_map(move |item| {
+        futures::stream::iter(match item {
+            Ok(r) => vec![r],
+            Err(BroadcastStreamRecvError::Lagged(n)) => {
+                warn!(
+                    missed = n,
+                    "reconcile triggers overflowed; resyncing every object"
+                );
+                all()
+            }
+        })
+    })
+}
+
+/// Runs both controllers (the leader's job) until `shutdown` resolves.
+pub async fn run_controllers(
+    client: Client,
+    cluster: Arc<Cluster>,
+    options: Options,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let stores = cluster.stores.clone();
+    let binding_controller = Controller::new(
+        Api::<CloudSqlBinding>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    );
+    let instance_controller = Controller::new(
+        Api::<CloudSqlInstance>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    );
+    let binding_triggers = triggers(cluster.binding_events.subscribe(), {
+        let stores = stores.clone();
+        move || {
+            stores
+                .bindings
+                .state()
+                .iter()
+                .map(|b| ObjectRef::from_obj(&**b))
+                .collect()
+        }
+    });
+    let instance_triggers = triggers(cluster.instance_events.subscribe(), {
+        let stores = stores.clone();
+        move || {
+            stores
+                .instances
+                .state()
+                .iter()
+                .map(|i| ObjectRef::from_obj(&**i))
+                .collect()
+        }
+    });
     let reporter = Reporter {
         controller: "cloudsql-binder".into(),
         instance: options.reporter_instance.clone(),
@@ -392,55 +514,18 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
         metrics,
-        stores: stores.clone(),
-        caps,
+        stores,
+        caps: cluster.caps,
         options,
-        instance_trigger: instance_tx,
-        binding_trigger: binding_tx.clone(),
+        instance_trigger: cluster.instance_events.clone(),
+        binding_trigger: cluster.binding_events.clone(),
     });
-
-    // Reconciles read these stores: start only once they have synced, so a
-    // restart never computes from a half-filled cache (and never writes).
-    let _ = tokio::join!(
-        stores.deployments.wait_until_ready(),
-        stores.stateful_sets.wait_until_ready(),
-        stores.daemon_sets.wait_until_ready(),
-        stores.replica_sets.wait_until_ready(),
-        stores.cron_jobs.wait_until_ready(),
-        stores.jobs.wait_until_ready(),
-        stores.pods.wait_until_ready(),
-        stores.namespaces.wait_until_ready(),
-        stores.nodes.wait_until_ready(),
-        stores.hpas.wait_until_ready(),
-    );
-    {
-        let stores = stores.clone();
-        tokio::spawn(async move {
-            store_ready(&stores.instances).await;
-            store_ready(&stores.bindings).await;
-            readiness.set_ready();
-            info!("caches synced");
-        });
-    }
 
     let shutdown = shutdown.shared();
     let config = kube::runtime::controller::Config::default().concurrency(16);
-    // An instance created, changed or deleted: its bindings look again.
-    let instance_bindings = stores.clone();
     let bindings = binding_controller
-        .watches(
-            Api::<CloudSqlInstance>::all(client.clone()),
-            watcher::Config::default().any_semantic(),
-            move |instance: CloudSqlInstance| {
-                instance_bindings
-                    .bindings_of(&instance.name_any())
-                    .into_iter()
-                    .map(|b| ObjectRef::from_obj(&*b))
-                    .collect::<Vec<_>>()
-            },
-        )
         .with_config(config.clone())
-        .reconcile_on(UnboundedReceiverStream::new(binding_rx))
+        .reconcile_on(binding_triggers)
         .graceful_shutdown_on(shutdown.clone())
         .run(binding::reconcile, binding::error_policy, ctx.clone())
         .for_each(|res| async move {
@@ -450,7 +535,7 @@ pub async fn run(
         });
     let instances = instance_controller
         .with_config(config)
-        .reconcile_on(UnboundedReceiverStream::new(instance_rx))
+        .reconcile_on(instance_triggers)
         .graceful_shutdown_on(shutdown)
         .run(instance::reconcile, instance::error_policy, ctx)
         .for_each(|res| async move {
@@ -459,6 +544,20 @@ pub async fn run(
             }
         });
     tokio::join!(bindings, instances);
+}
+
+/// Starts the stores, marks the process ready, and runs the controllers until
+/// `shutdown` resolves (a single replica without leader election).
+pub async fn run(
+    client: Client,
+    options: Options,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let cluster = Cluster::start(client.clone(), &options).await;
+    readiness.set_ready();
+    run_controllers(client, cluster, options, metrics, shutdown).await;
 }
 
 /// Waits until a store has synced. Polled in a loop: a store's readiness may
