@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod budget;
+pub mod gcp;
 pub mod plan;
 pub mod render;
 
@@ -11,5 +12,6 @@ pub mod render;
 /// feature), which matches the control plane the tests run on.
 pub const KUBERNETES_API_VERSION: &str = "1.34";
 pub mod controller;
+pub mod leader;
 pub mod telemetry;
 pub mod workload;

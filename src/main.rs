@@ -41,6 +41,15 @@ struct RunArgs {
     /// Force native sidecars on or off (default: detected from the API server version).
     #[arg(long)]
     native_sidecars: Option<bool>,
+    /// Elect one leader among replicas through a Lease; only the leader runs the controllers.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the leader-election Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "cloudsql-binder")]
+    leader_election_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "cloudsql-binder")]
+    leader_election_lease: String,
 }
 
 fn main() -> ExitCode {
@@ -111,10 +120,20 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     use std::sync::Arc;
 
     use anyhow::Context as _;
-    use cloudsql_binder::{controller, telemetry};
+    use cloudsql_binder::{controller, leader, telemetry};
     use futures::FutureExt;
 
     telemetry::init_tracing(args.log_format);
+    // Bind the metrics port before anything else: a port in use fails at
+    // once and names the address, not after the caches have synced.
+    drop(
+        std::net::TcpListener::bind(args.metrics_addr).with_context(|| {
+            format!(
+                "cannot listen on {} (--metrics-addr): is another process using the port?",
+                args.metrics_addr
+            )
+        })?,
+    );
     let client = kube::Client::try_default()
         .await
         .context("connecting to Kubernetes (KUBECONFIG or the in-cluster service account)")?;
@@ -133,7 +152,32 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         native_sidecars: args.native_sidecars,
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), metrics = %args.metrics_addr, "starting");
-    controller::run(client, options, metrics, readiness, shutdown).await;
+    // Every replica keeps the caches and is ready once they synced; only the
+    // leader runs the controllers.
+    let cluster = tokio::select! {
+        cluster = controller::Cluster::start(client.clone(), &options) => cluster,
+        _ = shutdown.clone() => return Ok(()),
+    };
+    readiness.set_ready();
+    if args.leader_election {
+        let lease = leader::LeaseConfig {
+            namespace: args.leader_election_namespace,
+            name: args.leader_election_lease,
+            identity: leader::default_identity(),
+        };
+        leader::run(client.clone(), lease, shutdown.clone(), move |stop| {
+            controller::run_controllers(
+                client.clone(),
+                cluster.clone(),
+                options.clone(),
+                metrics.clone(),
+                stop,
+            )
+        })
+        .await;
+    } else {
+        controller::run_controllers(client, cluster, options, metrics, shutdown).await;
+    }
     match admin.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(err)) => Err(err).context(format!("serving metrics on {}", args.metrics_addr)),
@@ -146,9 +190,11 @@ const RENDER_LONG_ABOUT: &str = "Reads multi-document YAML holding CloudSqlInsta
 (Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, Pod, Knative/Cloud Run Service) and prints \
 every document back, with the injection of the bindings that select each workload applied. A binding matches \
 workloads in its own namespace (missing = default) by kind and name or label selector.\n\n\
-The pool granted per pod is each binding's spec.pool.maxPerPod: offline there is no connection budget \
-(the operator grants from the instance's capacity; render will use the budget module once it allocates \
-offline).\n\n\
+The pool granted per pod comes from the same connection budget the operator computes, over the objects \
+in the input: the instance's capacity from its spec (capacity.maxConnections, else capacity.tier with the \
+tier table; the Admin API is not asked offline), each binding's max pods from the workloads and \
+HorizontalPodAutoscalers in the input (a DaemonSet counts as one node), shared by weighted fair share. \
+An instance whose spec gives no capacity grants minPerPod.\n\n\
 On any error (invalid YAML, a binding whose instance is not in the input, an unknown kind, a conflict) \
 nothing is printed; each problem goes to stderr on one line and the exit status is non-zero.";
 

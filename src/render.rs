@@ -6,8 +6,13 @@
 //! `remove`, every injection of ours taken out). Nothing is printed when
 //! anything is wrong: every problem comes back as one [`RenderError`].
 //!
-//! The grant is each binding's `spec.pool.maxPerPod`: the connection budget
-//! (which shares an instance's capacity among bindings) needs the cluster.
+//! The grant comes from the same connection budget the operator computes,
+//! over the objects in the input: each instance's capacity from its spec
+//! (`capacity.maxConnections`, else `capacity.tier` with the tier table; no
+//! Admin API offline), each binding's max pods from the workloads and
+//! HorizontalPodAutoscalers in the input (a DaemonSet counts as one node), and
+//! the weighted fair share. An instance whose capacity the spec does not give
+//! grants `minPerPod`, as the operator does while the capacity is unknown.
 //!
 //! A workload that no binding in the input selects is printed as it is (an
 //! injection it already carries stays); `--remove` takes out every injection
@@ -169,6 +174,7 @@ pub fn render(
         }
     }
 
+    let grants = offline_grants(&docs, &instances, &bindings, &workloads);
     let mut plans: Vec<(CloudSqlBinding, InjectionPlan)> = Vec::new();
     if !options.remove {
         let caps = TargetCapabilities {
@@ -189,7 +195,11 @@ pub fn render(
                 });
                 continue;
             };
-            match InjectionPlan::new(&binding, instance, Grant::requested(&binding), caps) {
+            let grant = grants
+                .get(&key.to_string())
+                .map(|per_pod| Grant { per_pod: *per_pod })
+                .unwrap_or_else(|| Grant::requested(&binding));
+            match InjectionPlan::new(&binding, instance, grant, caps) {
                 Ok(plan) => plans.push((binding, plan)),
                 Err(e) => errors.push(e.into()),
             }
@@ -283,6 +293,131 @@ pub fn render(
     } else {
         Err(errors)
     }
+}
+
+/// The per-pod grant of every binding, by `namespace/name`, from the budget
+/// over the input's objects (see the module documentation).
+fn offline_grants(
+    docs: &[Document],
+    instances: &BTreeMap<String, CloudSqlInstance>,
+    bindings: &[CloudSqlBinding],
+    workloads: &[(usize, WorkloadKind)],
+) -> BTreeMap<String, u32> {
+    use crate::budget::{self, CapacityInputs, CapacityResolution, PoolRequest, max_pods};
+    use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+
+    let hpas: Vec<(String, HorizontalPodAutoscaler)> = docs
+        .iter()
+        .map(|d| d.node.to_json())
+        .filter(|j| j.get("kind").and_then(Value::as_str) == Some("HorizontalPodAutoscaler"))
+        .filter_map(|j| {
+            let ns = namespace_of(j.get("metadata").unwrap_or(&Value::Null));
+            serde_json::from_value(j).ok().map(|h| (ns, h))
+        })
+        .collect();
+    // (namespace, kind, name, labels, max pods) of every workload in the input.
+    let mut pods_of = Vec::new();
+    for (index, kind) in workloads {
+        let json = docs[*index].node.to_json();
+        let meta = json.get("metadata").cloned().unwrap_or(Value::Null);
+        let ns = namespace_of(&meta);
+        let name = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let labels: BTreeMap<String, String> = meta
+            .get("labels")
+            .and_then(|l| serde_json::from_value(l.clone()).ok())
+            .unwrap_or_default();
+        let hpa = || {
+            let in_ns: Vec<HorizontalPodAutoscaler> = hpas
+                .iter()
+                .filter(|(n, _)| *n == ns)
+                .map(|(_, h)| h.clone())
+                .collect();
+            max_pods::hpa_max_replicas_for(&in_ns, kind.object_kind(), &name)
+        };
+        let count = match kind {
+            WorkloadKind::Deployment => serde_json::from_value(json)
+                .ok()
+                .map(|d| max_pods::deployment(&d, hpa())),
+            WorkloadKind::StatefulSet => serde_json::from_value(json)
+                .ok()
+                .map(|d| max_pods::stateful_set(&d, hpa())),
+            WorkloadKind::ReplicaSet => serde_json::from_value(json)
+                .ok()
+                .map(|d| max_pods::replica_set(&d, hpa())),
+            WorkloadKind::DaemonSet => serde_json::from_value(json)
+                .ok()
+                .map(|d| max_pods::daemon_set(&d, 1)),
+            WorkloadKind::Job => serde_json::from_value(json).ok().map(|d| max_pods::job(&d)),
+            WorkloadKind::CronJob => serde_json::from_value(json)
+                .ok()
+                .map(|d| max_pods::cron_job(&d)),
+            WorkloadKind::Pod => Some(max_pods::pod()),
+            WorkloadKind::KnativeService => {
+                let annotations: BTreeMap<String, String> = json
+                    .pointer("/spec/template/metadata/annotations")
+                    .and_then(|a| serde_json::from_value(a.clone()).ok())
+                    .unwrap_or_default();
+                Some(max_pods::knative_service(&annotations))
+            }
+        }
+        .map_or(0, |m| m.count);
+        pods_of.push((ns, *kind, name, labels, count));
+    }
+
+    let mut grants = BTreeMap::new();
+    for (instance_name, instance) in instances {
+        let mut requests = Vec::new();
+        for binding in bindings
+            .iter()
+            .filter(|b| &b.spec.instance_ref.name == instance_name)
+        {
+            let ns = binding
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_owned());
+            let key = format!("{ns}/{}", binding.metadata.name.clone().unwrap_or_default());
+            let max_pods = pods_of
+                .iter()
+                .filter(|(wns, kind, name, labels, _)| {
+                    *wns == ns && selects(binding, *kind, name, labels)
+                })
+                .fold(0u32, |acc, (.., count)| acc.saturating_add(*count));
+            let pool = &binding.spec.pool;
+            requests.push(PoolRequest {
+                key,
+                max_pods,
+                min_per_pod: u32::try_from(pool.min_per_pod).unwrap_or(1).max(1),
+                max_per_pod: u32::try_from(pool.max_per_pod).unwrap_or(1).max(1),
+                weight: u32::try_from(pool.weight).unwrap_or(1).max(1),
+            });
+        }
+        let spec = &instance.spec;
+        let inputs = CapacityInputs {
+            spec_max_connections: spec
+                .capacity
+                .max_connections
+                .and_then(|n| u32::try_from(n).ok()),
+            spec_tier: spec.capacity.tier.clone(),
+            spec_database_version: spec.database_version.clone(),
+            discovered: None,
+            reserved: u32::try_from(spec.capacity.reserved_connections).unwrap_or(0),
+            external: u32::try_from(spec.capacity.external_connections).unwrap_or(0),
+        };
+        match budget::resolve_capacity(&inputs) {
+            Ok(CapacityResolution::Known(capacity)) => {
+                if let Ok(allocation) = budget::allocate(capacity.usable(), &requests) {
+                    grants.extend(allocation.grants);
+                }
+            }
+            _ => grants.extend(requests.into_iter().map(|r| (r.key, r.min_per_pod))),
+        }
+    }
+    grants
 }
 
 /// One parsed document and where it came from.

@@ -6,4 +6,7 @@ mod support;
 
 mod api;
 mod controller;
+mod fixture_sqladmin;
 mod foundation;
+mod gcp;
+mod render;
