@@ -43,5 +43,9 @@ demo:
 demo-down:
 	@bash tools/demo.sh down
 
+## helm lint + template (default and ci/full-values.yaml), schema rejections, CRD copy check.
+chart-lint:
+	@bash charts/lint.sh
+
 clean: cluster-down
 	$(CARGO) clean

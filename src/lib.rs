@@ -14,4 +14,5 @@ pub const KUBERNETES_API_VERSION: &str = "1.34";
 pub mod controller;
 pub mod leader;
 pub mod telemetry;
+pub mod webhook;
 pub mod workload;

@@ -41,6 +41,20 @@ struct RunArgs {
     /// Force native sidecars on or off (default: detected from the API server version).
     #[arg(long)]
     native_sidecars: Option<bool>,
+    /// Cloud SQL Admin API endpoint used to discover instances' tier, version and flags.
+    #[arg(long, default_value = cloudsql_binder::gcp::DEFAULT_ENDPOINT)]
+    sqladmin_endpoint: String,
+    /// Service-account key file for the Admin API (default: Application Default
+    /// Credentials, e.g. GKE Workload Identity).
+    #[arg(long, value_name = "FILE")]
+    sqladmin_credentials: Option<std::path::PathBuf>,
+    /// Extra PEM root CA(s) to trust for the Admin API endpoint.
+    #[arg(long, value_name = "FILE")]
+    sqladmin_ca_file: Option<std::path::PathBuf>,
+    /// Seconds an Admin API answer is used before the instance is asked again
+    /// (a spec change asks at once).
+    #[arg(long, default_value_t = 600)]
+    sqladmin_refresh_seconds: u64,
     /// Elect one leader among replicas through a Lease; only the leader runs the controllers.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
@@ -50,6 +64,73 @@ struct RunArgs {
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "cloudsql-binder")]
     leader_election_lease: String,
+    /// Serve the admission webhook on this address (default with --webhook-url
+    /// or --webhook-service: 0.0.0.0:9443). No webhook flag: no webhook.
+    #[arg(long, value_name = "ADDR")]
+    webhook_listen: Option<std::net::SocketAddr>,
+    /// Register the webhook configurations with clientConfig.url = URL + path
+    /// (an operator running outside the cluster: tests, the demo).
+    #[arg(long, value_name = "URL", conflicts_with = "webhook_service")]
+    webhook_url: Option<String>,
+    /// Register the webhook configurations with this Service (what the Helm chart uses).
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    webhook_service: Option<String>,
+    /// Port of the --webhook-service Service.
+    #[arg(long, default_value_t = 443)]
+    webhook_service_port: i32,
+    /// Name of both webhook configurations.
+    #[arg(long, default_value = cloudsql_binder::webhook::DEFAULT_CONFIGURATION_NAME)]
+    webhook_configuration_name: String,
+    /// Namespace of the webhook's certificate Secret (the operator's own
+    /// namespace, which the webhook never intercepts).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "cloudsql-binder")]
+    webhook_secret_namespace: String,
+    /// Name of the webhook's certificate Secret.
+    #[arg(long, default_value = cloudsql_binder::webhook::DEFAULT_SECRET_NAME)]
+    webhook_secret_name: String,
+    /// Validity of the webhook's serving certificate (renewed at 2/3 of it), e.g. 90d, 12h, 20s.
+    #[arg(long, default_value = "90d", value_parser = cloudsql_binder::webhook::parse_duration)]
+    webhook_cert_validity: std::time::Duration,
+}
+
+/// The webhook's options from the flags; `None` without any webhook flag.
+fn webhook_options(
+    args: &RunArgs,
+) -> anyhow::Result<Option<cloudsql_binder::webhook::WebhookOptions>> {
+    use cloudsql_binder::webhook::{Endpoint, WebhookOptions};
+    let endpoint = match (&args.webhook_url, &args.webhook_service) {
+        (Some(url), _) => Endpoint::Url(url.clone()),
+        (None, Some(service)) => {
+            let (namespace, name) = service
+                .split_once('/')
+                .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--webhook-service {service:?} must be NAMESPACE/NAME")
+                })?;
+            Endpoint::Service {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                port: args.webhook_service_port,
+            }
+        }
+        (None, None) if args.webhook_listen.is_some() => anyhow::bail!(
+            "--webhook-listen needs --webhook-url or --webhook-service: how does the API server reach the webhook?"
+        ),
+        (None, None) => return Ok(None),
+    };
+    endpoint.subject_alt_names()?;
+    Ok(Some(WebhookOptions {
+        listen: args
+            .webhook_listen
+            .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 9443))),
+        endpoint,
+        configuration_name: args.webhook_configuration_name.clone(),
+        namespaces: args.namespaces.clone(),
+        excluded_namespaces: vec![args.webhook_secret_namespace.clone()],
+        secret_namespace: args.webhook_secret_namespace.clone(),
+        secret_name: args.webhook_secret_name.clone(),
+        cert_validity: args.webhook_cert_validity,
+    }))
 }
 
 fn main() -> ExitCode {
@@ -96,6 +177,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The Admin API client, or `None` (with a warning) when it cannot be set up:
+/// instances that ask for discovery then report it and use their spec.
+fn sqladmin_discovery(
+    endpoint: &str,
+    credentials: Option<&std::path::Path>,
+    ca_file: Option<&std::path::Path>,
+) -> Option<std::sync::Arc<cloudsql_binder::gcp::CapacityDiscovery>> {
+    use cloudsql_binder::gcp::{AdminApi, CapacityDiscovery};
+    let ca = match ca_file.map(std::fs::read).transpose() {
+        Ok(ca) => ca,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read --sqladmin-ca-file; Admin API discovery is off");
+            return None;
+        }
+    };
+    let api = match credentials {
+        Some(key) => AdminApi::from_key_file(key, endpoint, ca.as_deref()),
+        None => AdminApi::new(endpoint).and_then(|api| match &ca {
+            Some(pem) => api.with_root_ca_pem(pem),
+            None => Ok(api),
+        }),
+    };
+    match api {
+        Ok(api) => Some(std::sync::Arc::new(CapacityDiscovery::new(api))),
+        Err(err) => {
+            tracing::warn!(error = %err, "Cloud SQL Admin API discovery is off");
+            None
+        }
+    }
+}
+
 /// Resolves when SIGTERM or SIGINT arrives.
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -134,6 +246,20 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             )
         })?,
     );
+    let webhook = webhook_options(&args)?;
+    let webhook_listener = match &webhook {
+        Some(w) => {
+            let listener = std::net::TcpListener::bind(w.listen).with_context(|| {
+                format!(
+                    "cannot listen on {} (--webhook-listen): is another process using the port?",
+                    w.listen
+                )
+            })?;
+            listener.set_nonblocking(true)?;
+            Some(tokio::net::TcpListener::from_std(listener)?)
+        }
+        None => None,
+    };
     let client = kube::Client::try_default()
         .await
         .context("connecting to Kubernetes (KUBECONFIG or the in-cluster service account)")?;
@@ -150,6 +276,12 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         namespaces: args.namespaces,
         reporter_instance: std::env::var("POD_NAME").ok(),
         native_sidecars: args.native_sidecars,
+        discovery: sqladmin_discovery(
+            &args.sqladmin_endpoint,
+            args.sqladmin_credentials.as_deref(),
+            args.sqladmin_ca_file.as_deref(),
+        ),
+        discovery_refresh: std::time::Duration::from_secs(args.sqladmin_refresh_seconds),
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), metrics = %args.metrics_addr, "starting");
     // Every replica keeps the caches and is ready once they synced; only the
@@ -159,6 +291,34 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         _ = shutdown.clone() => return Ok(()),
     };
     readiness.set_ready();
+    // The admission webhook: every replica serves it from its caches. The
+    // certificate manager is the leader's job; until leader election takes it
+    // over it runs on every replica (its Secret writes are guarded by the
+    // resourceVersion, so two managers never both rotate).
+    if let (Some(webhook), Some(listener)) = (webhook, webhook_listener) {
+        let serving = cloudsql_binder::webhook::serve_on(
+            listener,
+            client.clone(),
+            cluster.clone(),
+            webhook.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(err) = serving.await {
+                tracing::error!(error = %err, "the admission webhook failed");
+            }
+        });
+        let certificates = cloudsql_binder::webhook::run_certificate_manager(
+            client.clone(),
+            webhook,
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(err) = certificates.await {
+                tracing::error!(error = %err, "the webhook certificate manager failed");
+            }
+        });
+    }
     if args.leader_election {
         let lease = leader::LeaseConfig {
             namespace: args.leader_election_namespace,

@@ -5,6 +5,11 @@
 #   CLOUDSQL_BINDER_BIN=target/debug/cloudsql-binder bash e2e/datapath/run.sh   # CI
 #   DATAPATH_MANIFEST=e2e/datapath/testdata/rendered-by-hand.yaml bash e2e/datapath/run.sh
 #
+# With CLOUDSQL_BINDER_BIN it also renders every testdata/proxyargs/*.yaml into a
+# temporary directory (PROXYARGS_MANIFESTS) for the proxy-args tests (proxyargs_test.go:
+# the real proxy started with every variant of args we generate). Without it, those
+# tests run only when PROXYARGS_MANIFESTS is set, and are skipped otherwise.
+#
 # Needs Go, and PostgreSQL + psql (installed with apt-get when missing).
 set -euo pipefail
 
@@ -49,6 +54,30 @@ fi
 export DATAPATH_MANIFEST
 say "manifest $DATAPATH_MANIFEST, proxy $CLOUD_SQL_PROXY"
 
-# 4. The tests.
+# 4. The operator's injection for every proxy variant (testdata/proxyargs/NAME.yaml ->
+# $PROXYARGS_MANIFESTS/NAME.yaml).
+go_test_args=(-count=1 -v)
+if [[ -n "${CLOUDSQL_BINDER_BIN:-}" ]]; then
+  PROXYARGS_MANIFESTS="$out/proxyargs"
+  mkdir -p "$PROXYARGS_MANIFESTS"
+  for input in "$here"/testdata/proxyargs/*.yaml; do
+    if ! "$CLOUDSQL_BINDER_BIN" render -f "$input" >"$PROXYARGS_MANIFESTS/$(basename "$input")"; then
+      say "$CLOUDSQL_BINDER_BIN render -f e2e/datapath/testdata/proxyargs/$(basename "$input") failed"
+      exit 1
+    fi
+  done
+elif [[ -n "${PROXYARGS_MANIFESTS:-}" ]]; then
+  [[ -d "$PROXYARGS_MANIFESTS" ]] || { say "PROXYARGS_MANIFESTS=$PROXYARGS_MANIFESTS: no such directory"; exit 1; }
+  PROXYARGS_MANIFESTS="$(cd "$PROXYARGS_MANIFESTS" && pwd)"
+else
+  say "no CLOUDSQL_BINDER_BIN or PROXYARGS_MANIFESTS: skipping the proxy-args tests (proxyargs_test.go)"
+  go_test_args+=(-skip '^TestProxy(AcceptsEveryModeWeGenerate|RejectsPrivateIPWithPSCAndWeNeverGenerateIt|RejectsAFlagItDoesNotKnow)$')
+fi
+if [[ -n "${PROXYARGS_MANIFESTS:-}" ]]; then
+  export PROXYARGS_MANIFESTS
+  say "proxy variants rendered in $PROXYARGS_MANIFESTS"
+fi
+
+# 5. The tests.
 cd "$here"
-go test -count=1 -v ./...
+go test "${go_test_args[@]}" ./...

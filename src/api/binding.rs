@@ -78,6 +78,57 @@ pub struct CloudSqlBindingSpec {
     /// Names of the environment variables injected into app containers.
     #[serde(default)]
     pub env: EnvNames,
+
+    /// How the injection reaches the pods of workloads that have a mutable pod
+    /// template (Deployment, StatefulSet, DaemonSet, ReplicaSet, CronJob,
+    /// Knative Service):
+    ///
+    /// - `Template` (the default): the operator applies the proxy and env to
+    ///   the workload's pod template (server-side apply, visible in
+    ///   `kubectl get -o yaml`); needs no webhook.
+    /// - `Admission`: the workload object is left untouched except for one
+    ///   template annotation, `cloudsql.dev/admission-config-hash`, which
+    ///   changes with what would be injected (the grant included) so running
+    ///   pods roll; the admission webhook injects each pod as it is created.
+    ///
+    /// Jobs and bare Pods always go through admission, whatever this says:
+    /// their pod templates cannot change after creation. Admission needs the
+    /// operator's webhook (`cloudsql-binder run --webhook-...`).
+    #[serde(default)]
+    pub injection: Injection,
+
+    /// Roll the owner of a Pod that was created without its injection (the
+    /// admission webhook was unreachable, and its `failurePolicy: Ignore` let
+    /// the Pod through) once the webhook answers again: the operator bumps the
+    /// annotation `cloudsql.dev/rolled-for-missed-injection` on the owner's pod
+    /// template (Deployment, StatefulSet or DaemonSet), once per miss.
+    /// Default `false`: the miss is only reported (condition reason
+    /// `InjectionMissed` on this binding, and an Event on the Pod). Pods of
+    /// Jobs and bare Pods cannot be rolled; delete them to have them recreated.
+    #[serde(default)]
+    pub roll_on_missed_injection: bool,
+}
+
+impl CloudSqlBindingSpec {
+    /// Whether this binding's injection reaches pods of a workload of `kind`
+    /// at their admission (Jobs and Pods always; other kinds with
+    /// `injection: Admission`) rather than through the workload's template.
+    pub fn injects_at_admission(&self, kind: WorkloadKind) -> bool {
+        !kind.has_mutable_template() || self.injection == Injection::Admission
+    }
+}
+
+/// How the injection reaches the pods; see `spec.injection`.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default,
+)]
+pub enum Injection {
+    /// Into the workload's pod template (server-side apply).
+    #[default]
+    Template,
+    /// Into each pod at creation, by the admission webhook; the template gets
+    /// only a config-hash annotation.
+    Admission,
 }
 
 /// Reference to a CloudSqlInstance.

@@ -11,6 +11,8 @@ pub mod condition_type {
     pub const CAPACITY_KNOWN: &str = "CapacityKnown";
     /// The minimum pools of every binding fit the instance's usable capacity.
     pub const BUDGET_FITS: &str = "BudgetFits";
+    /// The Cloud SQL Admin API answered `instances.get` for the instance.
+    pub const DISCOVERED: &str = "Discovered";
     /// The binding's instance exists and admits the binding's namespace.
     pub const INSTANCE_RESOLVED: &str = "InstanceResolved";
     /// Every matched workload carries the injection.

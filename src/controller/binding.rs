@@ -21,7 +21,7 @@ use serde_json::json;
 use tracing::{debug, info, instrument};
 
 use super::subset;
-use super::world::{Eligibility, Outcome, WorkloadId, binding_key};
+use super::world::{ADMISSION_HASH_ANNOTATION, Eligibility, Outcome, WorkloadId, binding_key};
 use super::{Context, Error};
 use crate::api::{
     BoundInstance, CloudSqlBinding, CloudSqlBindingStatus, FIELD_MANAGER, PoolStatus, WorkloadKind,
@@ -140,47 +140,73 @@ async fn sync_workload(
         name: id.name.clone(),
         ..Default::default()
     };
+    let admission = crate::webhook::serves_namespace(&id.namespace);
     if !id.kind.has_mutable_template() {
-        status.reason = Some("NeedsAdmission".into());
-        status.message = Some(format!(
-            "a {}'s pod template cannot be changed after creation; it needs the admission webhook",
-            id.kind
-        ));
+        if admission {
+            status.injected = true;
+            status.reason = Some("Admission".into());
+            status.message = Some("pods are injected at creation by the admission webhook".into());
+        } else {
+            status.reason = Some("NeedsAdmission".into());
+            status.message = Some(format!(
+                "a {}'s pod template cannot be changed after creation; it needs the admission webhook",
+                id.kind
+            ));
+        }
         return Ok(status);
     }
     let computed = ctx.stores.with_template(&id, |meta, template, current| {
         let desire = ctx
             .stores
             .desire(&id, meta.labels.as_ref(), template, ctx.caps, exclude);
+        // Bindings injecting at admission leave the template alone but for
+        // the hash of what the webhook injects, so their pods roll with it.
+        let injection = desire.template_injection();
+        let admission_injection = desire.admission_injection();
+        let admission_hash =
+            (!admission_injection.is_empty()).then(|| admission_injection.config_hash_for(id.kind));
         let mut spec = template.spec.clone();
         let mut annotations = template.annotations.cloned();
-        let applied = desire
-            .injection
-            .apply_for(id.kind, &mut spec, &mut annotations);
+        let applied = injection.apply_for(id.kind, &mut spec, &mut annotations);
         let hash = annotations
             .as_ref()
             .and_then(|a| a.get(crate::api::CONFIG_HASH_ANNOTATION).cloned());
-        let partial = desire.injection.ssa_partial(
-            id.kind,
-            &id.name,
-            &id.namespace,
-            template.spec,
-            &template.annotations.cloned().unwrap_or_default(),
-        );
+        let partial = injection
+            .ssa_partial(
+                id.kind,
+                &id.name,
+                &id.namespace,
+                template.spec,
+                &template.annotations.cloned().unwrap_or_default(),
+            )
+            .map(|mut partial| {
+                set_admission_hash(id.kind, &mut partial, admission_hash.as_deref());
+                partial
+            });
         // Unchanged when what we would apply is already there (server
         // defaults aside) and our record of what we own is the same.
-        let record = |a: Option<&BTreeMap<String, String>>| {
-            a.and_then(|a| a.get(INJECTED_ANNOTATION).cloned())
-        };
+        let annotation =
+            |a: Option<&BTreeMap<String, String>>, key: &str| a.and_then(|a| a.get(key).cloned());
         let unchanged = applied.is_ok()
-            && record(annotations.as_ref()) == record(template.annotations)
+            && annotation(annotations.as_ref(), INJECTED_ANNOTATION)
+                == annotation(template.annotations, INJECTED_ANNOTATION)
+            && annotation(template.annotations, ADMISSION_HASH_ANNOTATION) == admission_hash
             && partial
                 .as_ref()
                 .is_ok_and(|p| subset::contains(&current, p));
         let had_injection = desire_is_empty_removal(template.annotations);
-        (desire, (!unchanged).then_some(partial), hash, had_injection)
+        let hashes = WorkloadHashes {
+            template: hash,
+            admission: admission_hash,
+        };
+        (
+            desire,
+            (!unchanged).then_some(partial),
+            hashes,
+            had_injection,
+        )
     });
-    let Some((desire, partial, hash, had_injection)) = computed else {
+    let Some((desire, partial, hashes, had_injection)) = computed else {
         status.reason = Some("NotFound".into());
         status.message = Some(format!("{id} does not exist"));
         return Ok(status);
@@ -209,23 +235,36 @@ async fn sync_workload(
             source,
         })?;
         ctx.metrics.write("binding", "apply");
-        let (reason, note) = if desire.injection.is_empty() {
-            ("Cleaned", "removed the Cloud SQL injection".to_string())
-        } else {
+        let bindings_of = |injection: &crate::plan::PodInjection| {
+            injection
+                .plans()
+                .iter()
+                .map(|p| p.binding().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (template_injection, admission_injection) =
+            (desire.template_injection(), desire.admission_injection());
+        let (reason, note) = if !template_injection.is_empty() {
             (
                 "Injected",
                 format!(
                     "injected Cloud SQL for {} (config hash {})",
-                    desire
-                        .injection
-                        .plans()
-                        .iter()
-                        .map(|p| p.binding().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    desire.injection.config_hash()
+                    bindings_of(&template_injection),
+                    template_injection.config_hash()
                 ),
             )
+        } else if !admission_injection.is_empty() {
+            (
+                "Injected",
+                format!(
+                    "pods get Cloud SQL for {} at admission (config hash {})",
+                    bindings_of(&admission_injection),
+                    hashes.admission.clone().unwrap_or_default()
+                ),
+            )
+        } else {
+            ("Cleaned", "removed the Cloud SQL injection".to_string())
         };
         if !desire.injection.is_empty() || had_injection {
             publish(ctx, &object_reference(&id), EventType::Normal, reason, note).await;
@@ -233,9 +272,26 @@ async fn sync_workload(
         info!(workload = %id, reason, "applied");
     }
     match desire.outcomes.get(key) {
+        Some(Outcome::Injected) if desire.at_admission.contains(key) => {
+            status.injected = admission;
+            status.config_hash = hashes.admission;
+            status.reason = Some(
+                if admission {
+                    "Admission"
+                } else {
+                    "NeedsAdmission"
+                }
+                .into(),
+            );
+            status.message = Some(if admission {
+                "pods are injected at creation by the admission webhook".into()
+            } else {
+                "spec.injection is Admission, but no admission webhook serves this namespace".into()
+            });
+        }
         Some(Outcome::Injected) => {
             status.injected = true;
-            status.config_hash = hash;
+            status.config_hash = hashes.template;
         }
         Some(Outcome::Conflict(message)) => {
             status.reason = Some("Conflict".into());
@@ -251,7 +307,46 @@ async fn sync_workload(
 }
 
 fn desire_is_empty_removal(annotations: Option<&BTreeMap<String, String>>) -> bool {
-    annotations.is_some_and(|a| a.contains_key(crate::api::CONFIG_HASH_ANNOTATION))
+    annotations.is_some_and(|a| {
+        a.contains_key(crate::api::CONFIG_HASH_ANNOTATION)
+            || a.contains_key(ADMISSION_HASH_ANNOTATION)
+    })
+}
+
+/// The config hashes of one workload: of its template injection, and of what
+/// the webhook injects into its pods.
+struct WorkloadHashes {
+    template: Option<String>,
+    admission: Option<String>,
+}
+
+/// Puts the admission hash annotation (or nothing) into the template of a
+/// server-side-apply partial object. Omitted, an annotation we applied before
+/// is removed by the apply.
+fn set_admission_hash(kind: WorkloadKind, partial: &mut serde_json::Value, hash: Option<&str>) {
+    let Some(hash) = hash else { return };
+    let path: &[&str] = match kind {
+        WorkloadKind::Pod => &["metadata", "annotations"],
+        WorkloadKind::CronJob => &[
+            "spec",
+            "jobTemplate",
+            "spec",
+            "template",
+            "metadata",
+            "annotations",
+        ],
+        _ => &["spec", "template", "metadata", "annotations"],
+    };
+    let mut at = partial;
+    for key in path {
+        let serde_json::Value::Object(map) = at else {
+            return;
+        };
+        at = map.entry(*key).or_insert_with(|| json!({}));
+    }
+    if let serde_json::Value::Object(map) = at {
+        map.insert(ADMISSION_HASH_ANNOTATION.to_owned(), json!(hash));
+    }
 }
 
 async fn publish(
@@ -334,6 +429,7 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
     let mut conditions = Vec::new();
     let mut events: Vec<(EventType, &str, String)> = Vec::new();
     let instance_name = binding.spec.instance_ref.name.clone();
+    let mut retry_soon = false;
 
     match ctx.stores.eligibility(&binding) {
         Eligibility::InstanceMissing => {
@@ -507,6 +603,19 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
             };
             conditions.push(budget_condition);
 
+            // Pods that came without their injection (the webhook was not called).
+            let missed = if crate::webhook::serves_namespace(&ns) {
+                crate::webhook::missed::missed_pods(&ctx.stores, &binding)
+            } else {
+                Vec::new()
+            };
+            let missed = if missed.is_empty() {
+                None
+            } else {
+                Some(crate::webhook::missed::report(ctx, &binding, &missed).await)
+            };
+            retry_soon = missed.as_ref().is_some_and(|m| m.retry);
+
             // Workloads.
             let problems: Vec<&WorkloadStatus> = workloads.iter().filter(|w| !w.injected).collect();
             let conflict = problems
@@ -529,6 +638,8 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
                         w.message.clone().unwrap_or_default()
                     ),
                 )
+            } else if let Some(report) = &missed {
+                (false, "InjectionMissed", report.message.clone())
             } else if let Some(w) = problems.first() {
                 (
                     false,
@@ -556,8 +667,8 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
                     format!("{injected} of {matched} workloads injected"),
                 )
             };
-            if reason == "Conflict" {
-                events.push((EventType::Warning, "Conflict", message.clone()));
+            if reason == "Conflict" || reason == "InjectionMissed" {
+                events.push((EventType::Warning, reason, message.clone()));
             }
             conditions.push(condition(
                 prev_conditions,
@@ -625,6 +736,10 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
         }
     }
     let _ = ctx.instance_trigger.send(ObjectRef::new(&instance_name));
+    if retry_soon {
+        // A roll waits for the webhook to answer again.
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    }
     Ok(Action::requeue(Duration::from_secs(30 * 60)))
 }
 

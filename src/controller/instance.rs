@@ -17,7 +17,7 @@ use tracing::instrument;
 use super::world::{Eligibility, binding_key};
 use super::{Context, Error};
 use crate::api::{
-    CapacityStatus, CloudSqlInstance, CloudSqlInstanceStatus, FIELD_MANAGER, condition,
+    CapacityStatus, CloudSqlInstance, CloudSqlInstanceStatus, Discovery, FIELD_MANAGER, condition,
     condition_type, conditions_equivalent, find_condition,
 };
 use crate::budget::CapacityResolution;
@@ -48,6 +48,71 @@ pub async fn reconcile(
     let previous = instance.status.clone().unwrap_or_default();
     let prev = &previous.conditions;
 
+    // Discovery: ask the Admin API when the answer is stale or the spec changed.
+    let mut discovered_condition = None;
+    let mut requeue = Duration::from_secs(30 * 60);
+    if instance.spec.discovery == Discovery::AdminApi {
+        let connection_name = instance.spec.connection_name.clone();
+        match &ctx.options.discovery {
+            None => {
+                discovered_condition = Some(condition(
+                    prev,
+                    condition_type::DISCOVERED,
+                    false,
+                    "AdminAPIUnavailable",
+                    "the operator has no Cloud SQL Admin API client (no Application Default Credentials: \
+                     run with Workload Identity or --sqladmin-credentials); the capacity comes from the spec \
+                     (set spec.discovery: None to silence this)",
+                    generation,
+                    now,
+                ));
+            }
+            Some(discovery) => {
+                let spec_changed = previous.observed_generation != generation;
+                let result = if spec_changed {
+                    discovery.refresh(&connection_name).await
+                } else {
+                    discovery
+                        .refresh_if_stale(&connection_name, ctx.options.discovery_refresh)
+                        .await
+                };
+                requeue = ctx.options.discovery_refresh;
+                discovered_condition = Some(match result {
+                    Ok(found) => condition(
+                        prev,
+                        condition_type::DISCOVERED,
+                        true,
+                        "AdminAPI",
+                        format!(
+                            "instances.get: {} {} ({})",
+                            found.database_version,
+                            found.tier,
+                            found.state.as_str()
+                        ),
+                        generation,
+                        now,
+                    ),
+                    Err(err) => {
+                        requeue = Duration::from_secs(30);
+                        let kept = if discovery.discovered(&connection_name).is_some() {
+                            "the last known capacity is kept"
+                        } else {
+                            "the capacity comes from the spec"
+                        };
+                        condition(
+                            prev,
+                            condition_type::DISCOVERED,
+                            false,
+                            err.reason(),
+                            format!("{err}; {kept}"),
+                            generation,
+                            now,
+                        )
+                    }
+                });
+            }
+        }
+    }
     let discovered = ctx.stores.discovered(&instance);
     let capacity = ctx.stores.capacity(&instance, discovered.clone());
     let budget = ctx.stores.budget(&instance, &capacity);
@@ -66,7 +131,7 @@ pub async fn reconcile(
         bindings: i32::try_from(bindings.len()).unwrap_or(i32::MAX),
         ..Default::default()
     };
-    let mut conditions = Vec::new();
+    let mut conditions: Vec<_> = discovered_condition.into_iter().collect();
     let mut warning = None;
     match &capacity {
         Ok(CapacityResolution::Known(c)) => {
@@ -253,7 +318,7 @@ pub async fn reconcile(
             }
         }
     }
-    Ok(Action::requeue(Duration::from_secs(30 * 60)))
+    Ok(Action::requeue(requeue))
 }
 
 pub fn error_policy(_instance: Arc<CloudSqlInstance>, err: &Error, ctx: Arc<Context>) -> Action {

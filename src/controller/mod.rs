@@ -61,7 +61,7 @@ pub enum Error {
 }
 
 /// Options of the controllers.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Options {
     /// Namespaces whose bindings are handled (empty: all).
     pub namespaces: Vec<String>,
@@ -69,6 +69,23 @@ pub struct Options {
     pub reporter_instance: Option<String>,
     /// Whether to force classic sidecars (for API servers without native sidecars).
     pub native_sidecars: Option<bool>,
+    /// The Cloud SQL Admin API (`None`: no discovery; instances asking for it
+    /// report `Discovered=False` and use their spec).
+    pub discovery: Option<Arc<crate::gcp::CapacityDiscovery>>,
+    /// How long an Admin API answer is used before it is asked again.
+    pub discovery_refresh: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            namespaces: Vec::new(),
+            reporter_instance: None,
+            native_sidecars: None,
+            discovery: None,
+            discovery_refresh: Duration::from_secs(600),
+        }
+    }
 }
 
 /// Shared by every reconcile.
@@ -360,6 +377,7 @@ impl Cluster {
             jobs,
             pods,
             knative: Arc::default(),
+            discovery: options.discovery.clone(),
         };
         if let Ok(mut guard) = stores_cell.write() {
             *guard = Some(stores.clone());

@@ -3,20 +3,20 @@
 //! which workloads a binding selects, whether a binding may inject, what its
 //! grant is, and what one workload's template should carry.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodSpec};
-use kube::api::PartialObjectMeta;
+use kube::api::{ObjectMeta, PartialObjectMeta};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 
 use crate::api::{CloudSqlBinding, CloudSqlInstance, WorkloadKind, WorkloadSelector};
 use crate::budget::{self, Allocation, CapacityInputs, CapacityResolution, MaxPods, PoolRequest};
-use crate::plan::{Grant, InjectionPlan, PodInjection, TargetCapabilities};
+use crate::plan::{Conflict, Grant, InjectionPlan, PodInjection, TargetCapabilities};
 use crate::workload::{KnativeService, TemplateView, Workload, selector_matches};
 
 /// The reflector stores the controllers read.
@@ -36,6 +36,8 @@ pub struct Stores {
     pub pods: Store<PartialObjectMeta<Pod>>,
     /// Present once the Knative Serving `Service` CRD exists.
     pub knative: Arc<RwLock<Option<Store<KnativeService>>>>,
+    /// What the Cloud SQL Admin API told us, per connection name.
+    pub discovery: Option<Arc<crate::gcp::CapacityDiscovery>>,
 }
 
 /// One workload a binding selects.
@@ -66,13 +68,63 @@ pub enum Eligibility {
     Deleting,
 }
 
-/// What one workload's template should carry.
+/// What one workload's template (or one pod at admission) should carry.
 pub struct Desire {
     /// The injection of every binding that takes part.
     pub injection: PodInjection,
     /// Per binding key, what happened.
     pub outcomes: BTreeMap<String, Outcome>,
+    /// Keys of the taking-part bindings whose injection reaches the pods at
+    /// admission rather than through the template.
+    pub at_admission: BTreeSet<String>,
+    /// Per refused binding key, the conflicts that refused it.
+    pub conflicts: BTreeMap<String, Vec<Conflict>>,
 }
+
+impl Desire {
+    /// What goes into the workload's template: the plans of the bindings
+    /// injected through it.
+    pub fn template_injection(&self) -> PodInjection {
+        self.injection_where(|key| !self.at_admission.contains(key))
+    }
+
+    /// What the admission webhook injects into each new pod on top of the
+    /// template (its hash is the template's admission annotation).
+    pub fn admission_injection(&self) -> PodInjection {
+        self.injection_where(|key| self.at_admission.contains(key))
+    }
+
+    fn injection_where(&self, keep: impl Fn(&str) -> bool) -> PodInjection {
+        PodInjection::new(
+            self.injection
+                .plans()
+                .iter()
+                .filter(|p| keep(&p.binding().to_string()))
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+/// Template annotation of a workload whose bindings inject at admission: the
+/// hash of what the webhook injects, so a change (of the grant, say) rolls
+/// the workload's pods, which are then injected anew.
+pub const ADMISSION_HASH_ANNOTATION: &str = "cloudsql.dev/admission-config-hash";
+
+/// One workload a pod belongs to: the pod itself, an owner, or the Knative
+/// service its labels name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodOwner {
+    /// The kind.
+    pub kind: WorkloadKind,
+    /// The name (a pod being created may have only a `generateName`: empty).
+    pub name: String,
+    /// Its labels, when known (an owner not yet in the cache: `None`).
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// Knative's pod label naming the service a revision belongs to.
+pub const KNATIVE_SERVICE_LABEL: &str = "serving.knative.dev/service";
 
 /// What happened to one binding on one workload.
 #[derive(Clone, Debug, PartialEq)]
@@ -393,8 +445,13 @@ impl Stores {
     }
 
     /// What the Admin API told us about the instance (filled by the discovery loop).
-    pub fn discovered(&self, _instance: &CloudSqlInstance) -> Option<budget::DiscoveredInstance> {
-        None
+    pub fn discovered(&self, instance: &CloudSqlInstance) -> Option<budget::DiscoveredInstance> {
+        if instance.spec.discovery != crate::api::Discovery::AdminApi {
+            return None;
+        }
+        self.discovery
+            .as_ref()?
+            .discovered(&instance.spec.connection_name)
     }
 
     /// What the template of workload `id` should carry, given every binding of
@@ -408,43 +465,85 @@ impl Stores {
         caps: TargetCapabilities,
         exclude: Option<&str>,
     ) -> Desire {
+        let bindings: Vec<Arc<CloudSqlBinding>> = self
+            .bindings_in(&id.namespace)
+            .into_iter()
+            .filter(|b| exclude != Some(binding_key(b).as_str()))
+            .collect();
+        self.resolve(
+            &bindings,
+            id.kind,
+            |b| {
+                Stores::selects(b, id.kind, &id.name, labels)
+                    .then_some(b.spec.injects_at_admission(id.kind))
+            },
+            template.spec,
+            template.annotations,
+            caps,
+        )
+    }
+
+    /// The core of [`Stores::desire`], shared with the admission webhook: the
+    /// injection of `bindings` (oldest first) into one pod spec of a workload
+    /// of `kind` (which decides the platform). `route` says whether a binding
+    /// selects the target at all (`None`) and, if so, whether its injection
+    /// reaches the pods at admission (`Some(true)`) or through the template.
+    /// Each binding's plan is tried on top of those already accepted; one that
+    /// collides is refused with its conflicts.
+    pub fn resolve(
+        &self,
+        bindings: &[Arc<CloudSqlBinding>],
+        kind: WorkloadKind,
+        route: impl Fn(&CloudSqlBinding) -> Option<bool>,
+        spec: &PodSpec,
+        annotations: Option<&BTreeMap<String, String>>,
+        caps: TargetCapabilities,
+    ) -> Desire {
         let mut accepted: Vec<InjectionPlan> = Vec::new();
-        let mut outcomes = BTreeMap::new();
-        for binding in self.bindings_in(&id.namespace) {
-            let key = binding_key(&binding);
-            if exclude == Some(key.as_str())
-                || !Stores::selects(&binding, id.kind, &id.name, labels)
-            {
+        let mut desire = Desire {
+            injection: PodInjection::default(),
+            outcomes: BTreeMap::new(),
+            at_admission: BTreeSet::new(),
+            conflicts: BTreeMap::new(),
+        };
+        for binding in bindings {
+            let Some(at_admission) = route(binding) else {
                 continue;
-            }
-            let (instance, grant) = match self.eligibility(&binding) {
+            };
+            let key = binding_key(binding);
+            let (instance, grant) = match self.eligibility(binding) {
                 Eligibility::Eligible(instance) => {
-                    let grant = self.grant(&binding, &instance);
+                    let grant = self.grant(binding, &instance);
                     (instance, grant)
                 }
                 // The instance is gone: keep injecting exactly what was injected
                 // (recorded in the binding's status), so nothing rolls or breaks.
-                Eligibility::InstanceMissing => match last_known(&binding) {
+                Eligibility::InstanceMissing => match last_known(binding) {
                     Some(known) => known,
                     None => continue,
                 },
                 Eligibility::NamespaceNotAllowed(_) | Eligibility::Deleting => continue,
             };
-            let plan = match InjectionPlan::new(&binding, &instance, grant, caps) {
+            let plan = match InjectionPlan::new(binding, &instance, grant, caps) {
                 Ok(plan) => plan,
                 Err(err) => {
-                    outcomes.insert(key, Outcome::PlanFailed(err.to_string()));
+                    desire
+                        .outcomes
+                        .insert(key, Outcome::PlanFailed(err.to_string()));
                     continue;
                 }
             };
             let mut trial = accepted.clone();
             trial.push(plan.clone());
-            let mut spec: PodSpec = template.spec.clone();
-            let mut annotations = template.annotations.cloned();
-            match PodInjection::new(trial).apply_for(id.kind, &mut spec, &mut annotations) {
+            let mut spec: PodSpec = spec.clone();
+            let mut annotations = annotations.cloned();
+            match PodInjection::new(trial).apply_for(kind, &mut spec, &mut annotations) {
                 Ok(()) => {
                     accepted.push(plan);
-                    outcomes.insert(key, Outcome::Injected);
+                    if at_admission {
+                        desire.at_admission.insert(key.clone());
+                    }
+                    desire.outcomes.insert(key, Outcome::Injected);
                 }
                 Err(conflicts) => {
                     let message = conflicts
@@ -452,14 +551,103 @@ impl Stores {
                         .map(ToString::to_string)
                         .collect::<Vec<_>>()
                         .join("; ");
-                    outcomes.insert(key, Outcome::Conflict(message));
+                    desire
+                        .outcomes
+                        .insert(key.clone(), Outcome::Conflict(message));
+                    desire.conflicts.insert(key, conflicts);
                 }
             }
         }
-        Desire {
-            injection: PodInjection::new(accepted),
-            outcomes,
+        desire.injection = PodInjection::new(accepted);
+        desire
+    }
+
+    /// The workloads a pod belongs to, nearest first: the pod itself, its
+    /// controller (ReplicaSet, Job, StatefulSet, DaemonSet) and that one's
+    /// controller (Deployment of a ReplicaSet, CronJob of a Job), then the
+    /// Knative service its `serving.knative.dev/service` label names.
+    pub fn pod_owners(&self, ns: &str, pod: &ObjectMeta) -> Vec<PodOwner> {
+        let controller_of = |meta: &ObjectMeta| {
+            meta.owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.controller == Some(true))
+                .and_then(|o| {
+                    WorkloadKind::from_object(&o.api_version, &o.kind).map(|k| (k, o.name.clone()))
+                })
+        };
+        let mut out = vec![PodOwner {
+            kind: WorkloadKind::Pod,
+            name: pod.name.clone().unwrap_or_default(),
+            labels: pod.labels.clone(),
+        }];
+        let mut next = controller_of(pod);
+        // Two levels at most: Pod -> ReplicaSet -> Deployment, Pod -> Job -> CronJob.
+        for _ in 0..2 {
+            let Some((kind, name)) = next.take() else {
+                break;
+            };
+            let meta: Option<ObjectMeta> = match kind {
+                WorkloadKind::ReplicaSet => {
+                    get(&self.replica_sets, ns, &name).map(|o| o.metadata.clone())
+                }
+                WorkloadKind::Deployment => {
+                    get(&self.deployments, ns, &name).map(|o| o.metadata.clone())
+                }
+                WorkloadKind::StatefulSet => {
+                    get(&self.stateful_sets, ns, &name).map(|o| o.metadata.clone())
+                }
+                WorkloadKind::DaemonSet => {
+                    get(&self.daemon_sets, ns, &name).map(|o| o.metadata.clone())
+                }
+                WorkloadKind::Job => get(&self.jobs, ns, &name).map(|o| o.metadata.clone()),
+                WorkloadKind::CronJob => {
+                    get(&self.cron_jobs, ns, &name).map(|o| o.metadata.clone())
+                }
+                WorkloadKind::Pod | WorkloadKind::KnativeService => None,
+            };
+            next = meta.as_ref().and_then(controller_of);
+            out.push(PodOwner {
+                kind,
+                name,
+                labels: meta.and_then(|m| m.labels),
+            });
         }
+        if let Some(service) = pod
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(KNATIVE_SERVICE_LABEL))
+        {
+            let labels = self
+                .knative_store()
+                .and_then(|s| get(&s, ns, service))
+                .and_then(|s| s.metadata.labels.clone());
+            out.push(PodOwner {
+                kind: WorkloadKind::KnativeService,
+                name: service.clone(),
+                labels,
+            });
+        }
+        out
+    }
+
+    /// Whether `binding` selects any of a pod's owners, and if so the nearest
+    /// one it selects and whether that route injects at admission.
+    pub fn pod_route<'a>(
+        binding: &CloudSqlBinding,
+        owners: &'a [PodOwner],
+    ) -> Option<(&'a PodOwner, bool)> {
+        let selected: Vec<&PodOwner> = owners
+            .iter()
+            .filter(|o| Stores::selects(binding, o.kind, &o.name, o.labels.as_ref()))
+            .collect();
+        let first = *selected.first()?;
+        // A pod selected through a template the controller injects needs
+        // nothing at admission; otherwise the webhook is its only way in.
+        let at_admission = selected
+            .iter()
+            .all(|o| binding.spec.injects_at_admission(o.kind));
+        Some((first, at_admission))
     }
 
     /// The pod template and labels of a workload with a mutable template, or
@@ -530,4 +718,67 @@ pub struct Budget {
     pub max_pods: BTreeMap<String, u32>,
     /// The allocation, when the capacity is known.
     pub allocation: Option<Allocation>,
+}
+
+/// The writers of [`Stores::for_tests`]: tests feed the stores by hand.
+#[cfg(test)]
+pub(crate) struct TestWriters {
+    pub instances: kube::runtime::reflector::store::Writer<CloudSqlInstance>,
+    pub bindings: kube::runtime::reflector::store::Writer<CloudSqlBinding>,
+    pub namespaces: kube::runtime::reflector::store::Writer<PartialObjectMeta<Namespace>>,
+    pub hpas: kube::runtime::reflector::store::Writer<HorizontalPodAutoscaler>,
+    pub deployments: kube::runtime::reflector::store::Writer<Deployment>,
+    pub stateful_sets: kube::runtime::reflector::store::Writer<StatefulSet>,
+    pub replica_sets: kube::runtime::reflector::store::Writer<ReplicaSet>,
+    pub jobs: kube::runtime::reflector::store::Writer<Job>,
+    pub pods: kube::runtime::reflector::store::Writer<PartialObjectMeta<Pod>>,
+}
+
+#[cfg(test)]
+impl Stores {
+    /// Empty stores and the writers that fill them (no watches).
+    pub(crate) fn for_tests() -> (Stores, TestWriters) {
+        use kube::runtime::reflector::store;
+        let (instances, w_instances) = store();
+        let (bindings, w_bindings) = store();
+        let (namespaces, w_namespaces) = store();
+        let (nodes, _) = store();
+        let (hpas, w_hpas) = store();
+        let (deployments, w_deployments) = store();
+        let (stateful_sets, w_stateful_sets) = store();
+        let (daemon_sets, _) = store();
+        let (replica_sets, w_replica_sets) = store();
+        let (cron_jobs, _) = store();
+        let (jobs, w_jobs) = store();
+        let (pods, w_pods) = store();
+        (
+            Stores {
+                instances,
+                bindings,
+                namespaces,
+                nodes,
+                hpas,
+                deployments,
+                stateful_sets,
+                daemon_sets,
+                replica_sets,
+                cron_jobs,
+                jobs,
+                pods,
+                knative: Arc::default(),
+                discovery: None,
+            },
+            TestWriters {
+                instances: w_instances,
+                bindings: w_bindings,
+                namespaces: w_namespaces,
+                hpas: w_hpas,
+                deployments: w_deployments,
+                stateful_sets: w_stateful_sets,
+                replica_sets: w_replica_sets,
+                jobs: w_jobs,
+                pods: w_pods,
+            },
+        )
+    }
 }

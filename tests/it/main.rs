@@ -5,6 +5,8 @@
 mod support;
 
 mod api;
+mod budget;
+mod chart;
 mod controller;
 mod fixture_sqladmin;
 mod foundation;

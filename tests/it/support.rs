@@ -274,15 +274,20 @@ pub struct Operator {
 impl Operator {
     /// Starts the controllers for `namespaces` and waits until their caches synced.
     pub async fn start(namespaces: &[&str]) -> Operator {
+        Operator::start_with(cloudsql_binder::controller::Options {
+            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+            reporter_instance: Some("integration-test".into()),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Starts the controllers with `options` and waits until their caches synced.
+    pub async fn start_with(options: cloudsql_binder::controller::Options) -> Operator {
         let client = client().await;
         let metrics = std::sync::Arc::new(cloudsql_binder::telemetry::Metrics::default());
         let readiness = std::sync::Arc::new(cloudsql_binder::telemetry::Readiness::default());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let options = cloudsql_binder::controller::Options {
-            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
-            reporter_instance: Some("integration-test".into()),
-            native_sidecars: None,
-        };
         let handle = tokio::spawn(cloudsql_binder::controller::run(
             client,
             options,

@@ -1,0 +1,556 @@
+//! `cloudsql-binder-bench`: how fast, how small, against the limit and against
+//! Google's cloud-sql-proxy-operator. See bench/README.md.
+//!
+//! Every step brings up its own control plane (tools/cluster-up.sh in the
+//! bench's own directory), runs one operator as a separate process, creates
+//! the workload and measures from outside: watches for the end state, /proc
+//! for memory and CPU, the operators' and the API server's /metrics for
+//! writes. Results go to bench/results/*.json; benchmarks report, they never
+//! fail on a time.
+
+mod cluster;
+mod google;
+mod objects;
+mod process;
+mod report;
+mod scenarios;
+mod stats;
+mod track;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, ValueEnum};
+use serde_json::{Value, json};
+
+use objects::DeploymentShape;
+use scenarios::{Ctx, Record, Subject};
+
+/// What the bench can measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// N Deployments, each with its own binding: time until all are injected and Ready.
+    Converge,
+    /// The same server-side applies from a minimal client: the floor.
+    Limit,
+    /// Re-granting N bindings of one instance after its capacity changes.
+    Budget,
+    /// One selector binding over many Deployments.
+    Selector,
+    /// Peak RSS and CPU with N bindings, N Deployments and many Pods.
+    Footprint,
+    /// Pod creation latency through the admission webhook.
+    Admission,
+    /// Google's cloud-sql-proxy-operator side by side (converge, selector,
+    /// footprint and admission, where those are selected).
+    Google,
+}
+
+/// Benchmarks cloudsql-binder against a real local control plane.
+#[derive(Parser, Debug)]
+#[command(name = "cloudsql-binder-bench", version)]
+struct Args {
+    /// How many times each measurement is repeated (figures report median, min, max).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Workload sizes N for converge, limit, budget and Google's side by side.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    sizes: Vec<usize>,
+    /// What to measure.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "converge,limit,budget,selector,footprint,admission,google"
+    )]
+    scenarios: Vec<Scenario>,
+    /// Deployments under the one selector binding.
+    #[arg(long, default_value_t = 1000)]
+    selector_size: usize,
+    /// Bindings and Deployments in the footprint step.
+    #[arg(long, default_value_t = 1000)]
+    footprint_size: usize,
+    /// Bare, unbound Pods present in the footprint step.
+    #[arg(long, default_value_t = 5000)]
+    footprint_pods: usize,
+    /// Pods created one by one in the admission step.
+    #[arg(long, default_value_t = 1000)]
+    admission_pods: usize,
+    /// `spec.replicas` of every Deployment.
+    #[arg(long, default_value_t = 1)]
+    replicas: i32,
+    /// `spec.paused` of every Deployment (paused: no ReplicaSets, no Pods).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    paused: bool,
+    /// Concurrency levels the limit client tries (the best counts).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    limit_concurrency: Vec<usize>,
+    /// Requests in flight while the bench creates objects.
+    #[arg(long, default_value_t = 32)]
+    create_concurrency: usize,
+    /// The operator binary (default: target/release/cloudsql-binder, else target/debug).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// The bench's own control-plane directory (never the shared .cluster/).
+    #[arg(
+        long,
+        env = "CLOUDSQL_BINDER_BENCH_DIR",
+        default_value = "/tmp/cloudsql-binder-bench"
+    )]
+    work_dir: PathBuf,
+    /// Where the results JSON goes (default: bench/results/<date>.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Rewrite the results table in this README (between its bench markers).
+    #[arg(long)]
+    update_readme: Option<PathBuf>,
+    /// Give up waiting for one convergence after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+    /// Seconds of idle observed after convergence in the footprint step.
+    #[arg(long, default_value_t = 10)]
+    idle_secs: u64,
+}
+
+fn main() -> ExitCode {
+    if rustls::crypto::aws_lc_rs::default_provider()
+        .install_default()
+        .is_err()
+    {
+        eprintln!("bench: a rustls crypto provider was already installed");
+    }
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(err) => {
+            eprintln!("bench: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(bench(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("bench: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `/proc/loadavg`'s three averages.
+fn loadavg() -> Vec<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .filter_map(|v| v.parse().ok())
+        .collect()
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+fn machine() -> Value {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    json!({
+        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "memory_gib": (mem_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        "cpu": cpu,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+    })
+}
+
+fn default_binary(repo: &Path) -> anyhow::Result<PathBuf> {
+    for profile in ["release", "debug"] {
+        let path = repo.join("target").join(profile).join("cloudsql-binder");
+        if path.exists() {
+            return Ok(path);
+        }
+    }
+    bail!(
+        "no cloudsql-binder binary in target/; run `cargo build --release --bin cloudsql-binder` or pass --binary"
+    )
+}
+
+/// Whether `cloudsql-binder run` has the admission webhook flags.
+fn webhook_support(binary: &Path) -> Result<(), String> {
+    let help = command_output(&binary.display().to_string(), &["run", "--help"]);
+    let missing: Vec<&str> = ["--webhook-listen", "--webhook-url"]
+        .into_iter()
+        .filter(|f| !help.contains(f))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`cloudsql-binder run --help` has no {} flag (the admission webhook is not in this build)",
+            missing.join(" / ")
+        ))
+    }
+}
+
+/// One step of a run.
+struct Step {
+    name: String,
+    action: StepAction,
+}
+
+enum StepAction {
+    BinderSize {
+        n: usize,
+        converge: bool,
+        budget: bool,
+        limit: bool,
+    },
+    GoogleSize(usize),
+    Selector(Subject, usize),
+    Footprint(Subject),
+    AdmissionBinder,
+    AdmissionGoogle,
+}
+
+fn plan(args: &Args) -> Vec<Step> {
+    let has = |s: Scenario| args.scenarios.contains(&s);
+    let google = has(Scenario::Google);
+    let mut steps = Vec::new();
+    for &n in &args.sizes {
+        let (converge, budget, limit) = (
+            has(Scenario::Converge),
+            has(Scenario::Budget),
+            has(Scenario::Limit),
+        );
+        if converge || budget || limit {
+            steps.push(Step {
+                name: format!("cloudsql-binder n={n}"),
+                action: StepAction::BinderSize {
+                    n,
+                    converge: converge || budget,
+                    budget,
+                    limit,
+                },
+            });
+        }
+        if google && converge {
+            steps.push(Step {
+                name: format!("google n={n}"),
+                action: StepAction::GoogleSize(n),
+            });
+        }
+    }
+    let subjects: Vec<Subject> = if google {
+        vec![Subject::Binder, Subject::Google]
+    } else {
+        vec![Subject::Binder]
+    };
+    if has(Scenario::Selector) {
+        for &s in &subjects {
+            steps.push(Step {
+                name: format!("selector {s:?} n={}", args.selector_size),
+                action: StepAction::Selector(s, args.selector_size),
+            });
+        }
+    }
+    if has(Scenario::Footprint) {
+        for &s in &subjects {
+            steps.push(Step {
+                name: format!("footprint {s:?}"),
+                action: StepAction::Footprint(s),
+            });
+        }
+    }
+    if has(Scenario::Admission) {
+        steps.push(Step {
+            name: "admission cloudsql-binder".into(),
+            action: StepAction::AdmissionBinder,
+        });
+        if google {
+            steps.push(Step {
+                name: "admission google".into(),
+                action: StepAction::AdmissionGoogle,
+            });
+        }
+    }
+    steps
+}
+
+async fn run_step(ctx: &Ctx, args: &Args, step: &Step) -> anyhow::Result<Record> {
+    match step.action {
+        StepAction::BinderSize {
+            n,
+            converge,
+            budget,
+            limit,
+        } => scenarios::binder_size(ctx, n, converge, budget, limit).await,
+        StepAction::GoogleSize(n) => scenarios::google_size(ctx, n).await,
+        StepAction::Selector(s, n) => scenarios::selector(ctx, s, n).await,
+        StepAction::Footprint(s) => {
+            scenarios::footprint(ctx, s, args.footprint_size, args.footprint_pods).await
+        }
+        StepAction::AdmissionBinder => scenarios::admission_binder(ctx, args.admission_pods).await,
+        StepAction::AdmissionGoogle => scenarios::admission_google(ctx, args.admission_pods).await,
+    }
+}
+
+/// Ratios measured within one run.
+fn ratios(figures: &mut BTreeMap<String, f64>, sizes: &[usize], selector: usize) {
+    let put = |key: String, num: String, den: String, f: &BTreeMap<String, f64>| {
+        if let (Some(a), Some(b)) = (f.get(&num), f.get(&den))
+            && *b > 0.0
+        {
+            Some((key, a / b))
+        } else {
+            None
+        }
+    };
+    let mut new = Vec::new();
+    for n in sizes {
+        for what in ["from_first_apply_s", "peak_rss_mib", "cpu_s", "api_writes"] {
+            new.extend(put(
+                format!("ratio.n{n}.google_over_binder.{what}"),
+                format!("converge.n{n}.google.{what}"),
+                format!("converge.n{n}.binder.{what}"),
+                figures,
+            ));
+        }
+    }
+    for what in ["after_last_apply_s", "peak_rss_mib", "api_writes"] {
+        new.extend(put(
+            format!("ratio.selector.google_over_binder.{what}"),
+            format!("selector.n{selector}.google.{what}"),
+            format!("selector.n{selector}.binder.{what}"),
+            figures,
+        ));
+    }
+    for what in ["peak_rss_mib", "cpu_s", "from_first_apply_s"] {
+        new.extend(put(
+            format!("ratio.footprint.google_over_binder.{what}"),
+            format!("footprint.google.{what}"),
+            format!("footprint.binder.{what}"),
+            figures,
+        ));
+    }
+    figures.extend(new);
+}
+
+async fn bench(args: Args) -> anyhow::Result<()> {
+    let repo = repo_root();
+    let work = args.work_dir.clone();
+    let cluster_dir = work.join("cluster");
+    if cluster_dir.starts_with(repo.join(".cluster")) || cluster_dir == repo.join(".cluster") {
+        bail!("the bench never uses the shared .cluster/; pick another --work-dir");
+    }
+    let logs = work.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let binary = match &args.binary {
+        Some(b) => b.clone(),
+        None => default_binary(&repo)?,
+    };
+    let binder_version = command_output(&binary.display().to_string(), &["version"]);
+    let crds_yaml = command_output(&binary.display().to_string(), &["crd"]);
+    if !crds_yaml.contains("CustomResourceDefinition") {
+        bail!("`{} crd` printed no CRDs", binary.display());
+    }
+    let google = if args.scenarios.contains(&Scenario::Google) {
+        google::build(&repo).map_err(|e| format!("{e:#}"))
+    } else {
+        Err("not selected (--scenarios without google)".to_string())
+    };
+    if let Err(why) = &google
+        && args.scenarios.contains(&Scenario::Google)
+    {
+        eprintln!("bench: Google's operator cannot be run: {why}");
+    }
+    let webhook = webhook_support(&binary);
+    let started_at = k8s_openapi::jiff::Timestamp::now();
+    let steps = plan(&args);
+    eprintln!(
+        "bench: {} run(s) of {} step(s); binary {}; logs in {}",
+        args.runs,
+        steps.len(),
+        binary.display(),
+        logs.display()
+    );
+
+    let mut ctx = Ctx {
+        repo: repo.clone(),
+        cluster_dir,
+        logs: logs.clone(),
+        binary: binary.clone(),
+        google: google.clone(),
+        shape: DeploymentShape {
+            replicas: args.replicas,
+            paused: args.paused,
+        },
+        create_concurrency: args.create_concurrency,
+        timeout: Duration::from_secs(args.timeout_secs),
+        limit_levels: args.limit_concurrency.clone(),
+        webhook: webhook.clone(),
+        crds_yaml,
+        idle: Duration::from_secs(args.idle_secs),
+        run: 0,
+        kubernetes: std::sync::Mutex::new(String::new()),
+    };
+
+    let mut runs = Vec::new();
+    let mut per_run_figures: Vec<BTreeMap<String, f64>> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    let bench_started = Instant::now();
+    for run in 1..=args.runs {
+        ctx.run = run;
+        let run_started = Instant::now();
+        let load_start = loadavg();
+        eprintln!(
+            "bench: run {run}/{} (load average {load_start:?})",
+            args.runs
+        );
+        let mut figures = BTreeMap::new();
+        let mut step_records = Vec::new();
+        for step in &steps {
+            let step_load_start = loadavg();
+            let step_started = Instant::now();
+            eprintln!("bench: run {run}: {}", step.name);
+            let record = match run_step(&ctx, &args, step).await {
+                Ok(r) => r,
+                Err(err) => {
+                    let mut r = Record::default();
+                    r.notes
+                        .push(format!("{}: could not be measured: {err:#}", step.name));
+                    eprintln!("bench: {}: could not be measured: {err:#}", step.name);
+                    r
+                }
+            };
+            figures.extend(record.figures.clone());
+            for n in &record.notes {
+                if !notes.contains(n) {
+                    notes.push(n.clone());
+                }
+            }
+            step_records.push(json!({
+                "step": step.name,
+                "seconds": step_started.elapsed().as_secs_f64(),
+                "load_average_start": step_load_start,
+                "load_average_end": loadavg(),
+                "figures": record.figures,
+                "details": record.details,
+                "notes": record.notes,
+            }));
+        }
+        ratios(&mut figures, &args.sizes, args.selector_size);
+        runs.push(json!({
+            "run": run,
+            "seconds": run_started.elapsed().as_secs_f64(),
+            "load_average_start": load_start,
+            "load_average_end": loadavg(),
+            "figures": figures,
+            "steps": step_records,
+        }));
+        per_run_figures.push(figures);
+    }
+
+    let mut keys: Vec<&String> = per_run_figures.iter().flat_map(|f| f.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let summary: BTreeMap<String, stats::Spread> = keys
+        .into_iter()
+        .filter_map(|k| {
+            let values: Vec<f64> = per_run_figures
+                .iter()
+                .filter_map(|f| f.get(k).copied())
+                .collect();
+            stats::spread(&values).map(|s| (k.clone(), s))
+        })
+        .collect();
+    let finished_at = k8s_openapi::jiff::Timestamp::now();
+    let versions = json!({
+        "cloudsql_binder": binder_version,
+        "cloudsql_binder_binary": binary.display().to_string(),
+        "kubernetes": ctx.kubernetes.lock().map(|k| k.clone()).unwrap_or_default(),
+        "google_operator": match &google {
+            Ok(b) => json!(format!("github.com/GoogleCloudPlatform/cloud-sql-proxy-operator {}", b.version)),
+            Err(why) => json!(format!("not run: {why}")),
+        },
+        "rustc": command_output("rustc", &["--version"]),
+        "go": command_output("go", &["version"]),
+    });
+    let admission_note = match &webhook {
+        Ok(()) => Value::Null,
+        Err(why) => json!(why),
+    };
+    let result = json!({
+        "schema": "cloudsql-binder-bench/1",
+        "started": started_at.to_string(),
+        "finished": finished_at.to_string(),
+        "seconds": bench_started.elapsed().as_secs_f64(),
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "machine": machine(),
+        "load_average_start": runs.first().map(|r| r["load_average_start"].clone()),
+        "load_average_end": loadavg(),
+        "versions": versions,
+        "config": {
+            "runs": args.runs,
+            "sizes": args.sizes,
+            "scenarios": args.scenarios.iter().map(|s| format!("{s:?}").to_lowercase()).collect::<Vec<_>>(),
+            "selector_size": args.selector_size,
+            "footprint_size": args.footprint_size,
+            "footprint_pods": args.footprint_pods,
+            "admission_pods": args.admission_pods,
+            "deployment": { "replicas": args.replicas, "paused": args.paused },
+            "limit_concurrency": args.limit_concurrency,
+            "create_concurrency": args.create_concurrency,
+            "idle_secs": args.idle_secs,
+            "timeout_secs": args.timeout_secs,
+        },
+        "admission_webhook": admission_note,
+        "summary": summary,
+        "notes": notes,
+        "runs": runs,
+    });
+
+    let out = match &args.out {
+        Some(p) => p.clone(),
+        None => {
+            let stamp = started_at.strftime("%Y-%m-%dT%H-%M-%SZ").to_string();
+            repo.join("bench/results").join(format!("{stamp}.json"))
+        }
+    };
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&result)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    let table = report::markdown(&result, &out, &repo);
+    println!("{table}");
+    eprintln!("bench: results in {}", out.display());
+    if let Some(readme) = &args.update_readme {
+        report::update_readme(readme, &table)?;
+        eprintln!("bench: table updated in {}", readme.display());
+    }
+    let _ = std::fs::remove_dir_all(cluster::pids_dir(&ctx.cluster_dir));
+    Ok(())
+}

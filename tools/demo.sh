@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# `make demo`: from nothing to bound workloads on a local control plane.
+#   1. starts the control plane (tools/cluster-up.sh; built on first use);
+#   2. builds the operator;
+#   3. installs the Helm chart's CRDs, then the chart itself with 0 replicas
+#      and no webhook (no kubelet runs pods here): ServiceAccount and RBAC;
+#   4. runs the operator out of cluster as the chart's ServiceAccount (a
+#      TokenRequest token), in the background, logging to
+#      <cluster dir>/logs/operator.log;
+#   5. applies examples/ in namespace `shop` and waits for every binding to be
+#      Ready, then shows the budget and what was injected into orders-api.
+# `make demo-down` (`tools/demo.sh down`): stops that operator and the cluster.
+# Running `make demo` twice is harmless: the operator is restarted, the rest
+# re-applied. CLOUDSQL_BINDER_CLUSTER_DIR picks another cluster directory.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+state="${CLOUDSQL_BINDER_CLUSTER_DIR:-$repo/.cluster}"
+logs="$state/logs"
+pidfile="$state/operator.pid"
+operator_kubeconfig="$state/operator.kubeconfig"
+chart="$repo/charts/cloudsql-binder"
+release=cloudsql-binder
+operator_ns=cloudsql-binder
+app_ns=shop
+identity=cloudsql-binder-demo
+
+say() { echo "demo: $*" >&2; }
+fail() { echo "demo: $*" >&2; exit 1; }
+
+# The recorded operator counts as ours only when it is alive, runs our binary,
+# and uses this cluster's operator kubeconfig: never stop someone else's process.
+operator_pid() {
+  [[ -f "$pidfile" ]] || return 1
+  local pid; pid="$(cat "$pidfile")"
+  [[ "$pid" =~ ^[0-9]+$ && -r "/proc/$pid/cmdline" ]] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "cloudsql-binder run" || return 1
+  tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx -- "KUBECONFIG=$operator_kubeconfig" || return 1
+  echo "$pid"
+}
+
+stop_operator() {
+  local pid
+  if pid="$(operator_pid)"; then
+    # SIGTERM: the operator stops its controllers and releases its Lease.
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 200); do
+      [[ -e "/proc/$pid" ]] || break
+      sleep 0.1
+    done
+    if [[ -e "/proc/$pid" ]]; then
+      say "the operator (pid $pid) ignored SIGTERM for 20s; killing it"
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+    say "stopped the operator (pid $pid)"
+  fi
+  rm -f "$pidfile"
+}
+
+if [[ "${1:-}" == "down" ]]; then
+  stop_operator
+  bash "$here/cluster-down.sh"
+  exit 0
+fi
+[[ $# -eq 0 ]] || fail "usage: tools/demo.sh [down]"
+
+started=$SECONDS
+command -v kubectl >/dev/null || fail "kubectl is needed"
+command -v python3 >/dev/null || fail "python3 is needed"
+
+say "starting the local control plane in $state (the first run builds it: several minutes)"
+# shellcheck disable=SC1090 # prints `export KUBECONFIG=...`
+eval "$(bash "$here/cluster-up.sh")"
+helm="$(bash "$here/build-controlplane.sh")/helm"
+
+say "building the operator"
+release_bin="$repo/target/release/cloudsql-binder"
+if [[ -x "$release_bin" && -z "$(find "$repo/src" "$repo/Cargo.toml" "$repo/Cargo.lock" -newer "$release_bin" -print -quit)" ]]; then
+  bin="$release_bin"
+else
+  (cd "$repo" && cargo build --quiet --bin cloudsql-binder) || fail "cargo build failed"
+  bin="$repo/target/debug/cloudsql-binder"
+fi
+
+say "installing the CRDs (server-side apply: how an upgrade installs them too)"
+kubectl apply --server-side --force-conflicts --field-manager=cloudsql-binder-demo \
+  -f "$chart/crds/" >/dev/null
+knative_crd="$(bash "$here/knative-crd.sh")" || fail "fetching the Knative Service CRD failed"
+say "installing the Knative Serving Service CRD (for examples/40-cloud-run-service.yaml)"
+kubectl apply --server-side --force-conflicts --field-manager=cloudsql-binder-demo -f "$knative_crd" >/dev/null
+kubectl wait --for=condition=Established --timeout=60s \
+  crd/cloudsqlinstances.cloudsql.dev crd/cloudsqlbindings.cloudsql.dev crd/services.serving.knative.dev >/dev/null
+
+say "installing the chart (release $release in namespace $operator_ns; 0 replicas, no webhook: no kubelet here)"
+kubectl create namespace "$operator_ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+"$helm" upgrade --install "$release" "$chart" --namespace "$operator_ns" \
+  --set replicas=0 --set webhook.enabled=false >"$logs/helm.log" 2>&1 \
+  || { cat "$logs/helm.log" >&2; fail "helm upgrade --install failed"; }
+sa="$(kubectl get serviceaccount -n "$operator_ns" -l "app.kubernetes.io/instance=$release" -o jsonpath='{.items[0].metadata.name}')"
+[[ -n "$sa" ]] || fail "the chart created no ServiceAccount"
+
+say "running the operator out of cluster as system:serviceaccount:$operator_ns:$sa"
+token="$(kubectl create token "$sa" -n "$operator_ns" --duration=24h)"
+server="$(kubectl config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
+ca="$(mktemp)"
+kubectl config view --raw --minify -o jsonpath='{.clusters[0].cluster.certificate-authority-data}' | base64 -d >"$ca"
+rm -f "$operator_kubeconfig.tmp"
+KUBECONFIG="$operator_kubeconfig.tmp" kubectl config set-cluster local --server="$server" \
+  --certificate-authority="$ca" --embed-certs=true >/dev/null
+KUBECONFIG="$operator_kubeconfig.tmp" kubectl config set-credentials "$sa" --token="$token" >/dev/null
+KUBECONFIG="$operator_kubeconfig.tmp" kubectl config set-context operator --cluster=local --user="$sa" \
+  --namespace="$operator_ns" >/dev/null
+KUBECONFIG="$operator_kubeconfig.tmp" kubectl config use-context operator >/dev/null
+rm -f "$ca"
+stop_operator
+mv "$operator_kubeconfig.tmp" "$operator_kubeconfig"
+port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')"
+mkdir -p "$logs"
+echo "--- $(date -u +%Y-%m-%dT%H:%M:%SZ) $bin (metrics on 127.0.0.1:$port)" >>"$logs/operator.log"
+# setsid: the operator outlives this script; it is stopped through its pid file.
+KUBECONFIG="$operator_kubeconfig" POD_NAME="$identity" POD_NAMESPACE="$operator_ns" NO_COLOR=1 \
+  setsid "$bin" run --metrics-addr="127.0.0.1:$port" \
+  >>"$logs/operator.log" 2>&1 </dev/null &
+echo $! >"$pidfile"
+echo "127.0.0.1:$port" >"$state/operator.metrics"
+for _ in $(seq 1 300); do
+  operator_pid >/dev/null || { tail -20 "$logs/operator.log" >&2; fail "the operator exited; see $logs/operator.log"; }
+  curl -sf "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+curl -sf "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 \
+  || fail "the operator's caches did not sync within 60s; see $logs/operator.log"
+
+say "applying examples/ in namespace $app_ns"
+kubectl create namespace "$app_ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl apply --server-side --field-manager=demo-user -n "$app_ns" -f "$repo/examples/" >/dev/null
+
+expected="$(cat "$repo"/examples/*.yaml | grep -c '^kind: CloudSqlBinding$')"
+say "waiting for the $expected bindings to be Ready"
+deadline=$((SECONDS + 90))
+while :; do
+  ready="$(kubectl get sqlbindings -n "$app_ns" \
+    -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c '^True$' || true)"
+  ((ready == expected)) && break
+  if ((SECONDS >= deadline)); then
+    kubectl get sqlbindings -n "$app_ns" >&2 || true
+    kubectl get sqlbindings -n "$app_ns" -o jsonpath='{range .items[*]}{.metadata.name}: {range .status.conditions[*]}{.type}={.status} {.reason} {.message}; {end}{"\n"}{end}' >&2 || true
+    tail -20 "$logs/operator.log" >&2
+    fail "only $ready of $expected bindings became Ready within 90s; the operator's log is $logs/operator.log"
+  fi
+  sleep 0.5
+done
+
+echo
+echo "\$ kubectl get sqlinstances,sqlbindings -A"
+kubectl get sqlinstances,sqlbindings -A
+echo
+echo "What the operator injected into Deployment $app_ns/orders-api (its pod template):"
+DEPLOYMENT_JSON="$(kubectl get deployment orders-api -n "$app_ns" -o json)" python3 - <<'PY'
+import json, os
+template = json.loads(os.environ["DEPLOYMENT_JSON"])["spec"]["template"]
+meta, spec = template["metadata"], template["spec"]
+print("  pod template annotations:")
+for key, value in sorted((meta.get("annotations") or {}).items()):
+    if key.startswith("cloudsql.dev/"):
+        print(f"    {key}: {value}")
+for where in ("initContainers", "containers"):
+    for c in spec.get(where) or []:
+        if not c["name"].startswith("cloud-sql-proxy"):
+            continue
+        how = "native sidecar (initContainers, restartPolicy: Always)" if where == "initContainers" else "sidecar container"
+        print(f"  {c['name']}: {how}")
+        print(f"    image: {c['image']}")
+        print("    args: " + " ".join(c.get("args") or []))
+for c in spec["containers"]:
+    if c["name"].startswith("cloud-sql-proxy"):
+        continue
+    print(f"  container {c['name']}:")
+    for e in c.get("env") or []:
+        print(f"    env {e['name']}={e.get('value', '<valueFrom>')}")
+    for m in c.get("volumeMounts") or []:
+        print(f"    volumeMount {m['name']} at {m['mountPath']}")
+for v in spec.get("volumes") or []:
+    source = {k: v[k] for k in v if k != "name"}
+    print(f"  volume {v['name']}: {json.dumps(source)}")
+PY
+echo
+say "done in $((SECONDS - started))s. The operator keeps running (pid $(cat "$pidfile"), metrics at http://127.0.0.1:$port/metrics, log $logs/operator.log)."
+say "try: KUBECONFIG=$KUBECONFIG kubectl describe sqlbinding -n $app_ns orders-api; stop everything with: make demo-down"
