@@ -21,6 +21,7 @@ lint:
 crds:
 	@mkdir -p crds
 	$(CARGO) run --quiet --bin cloudsql-binder -- crd > crds/cloudsql.dev_crds.yaml
+	cp crds/cloudsql.dev_crds.yaml charts/cloudsql-binder/crds/cloudsql.dev_crds.yaml
 
 ## Build the pinned control plane (etcd, kube-apiserver, kube-controller-manager, helm) into the cache.
 controlplane:
@@ -42,6 +43,17 @@ demo:
 
 demo-down:
 	@bash tools/demo.sh down
+
+## Benchmarks (bench/README.md): builds the release operator, the bench driver and
+## Google's operator, runs every scenario on the bench's own control planes
+## (bench/work/, never .cluster/), writes bench/results/<date>.json and the table
+## in bench/README.md. Quick runs that leave the README alone (see bench/README.md):
+##   cargo run --release --bin cloudsql-binder-bench -- --runs 1 --sizes 100
+BENCH_ARGS ?=
+bench:
+	$(CARGO) build --release --bin cloudsql-binder --bin cloudsql-binder-bench
+	./target/release/cloudsql-binder-bench --binary $(CURDIR)/target/release/cloudsql-binder \
+		--update-readme $(CURDIR)/bench/README.md $(BENCH_ARGS)
 
 ## helm lint + template (default and ci/full-values.yaml), schema rejections, CRD copy check.
 chart-lint:

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
@@ -168,17 +169,31 @@ impl Cluster {
                 Some(yaml),
             )
             .await?;
-        for name in applied.lines().filter(|l| !l.trim().is_empty()) {
-            self.kubectl(
-                &[
-                    "wait",
-                    "--for=condition=Established",
-                    "--timeout=60s",
-                    name.trim(),
-                ],
-                None,
-            )
-            .await?;
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        for line in applied.lines() {
+            let Some(name) = line
+                .trim()
+                .strip_prefix("customresourcedefinition.apiextensions.k8s.io/")
+            else {
+                continue;
+            };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let established = crds.get_opt(name).await.ok().flatten().is_some_and(|crd| {
+                    crd.status
+                        .and_then(|s| s.conditions)
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
+                if established {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("CRD {name} was not established within 60 s");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         Ok(())
     }

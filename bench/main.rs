@@ -94,13 +94,11 @@ struct Args {
     /// The operator binary (default: target/release/cloudsql-binder, else target/debug).
     #[arg(long)]
     binary: Option<PathBuf>,
-    /// The bench's own control-plane directory (never the shared .cluster/).
-    #[arg(
-        long,
-        env = "CLOUDSQL_BINDER_BENCH_DIR",
-        default_value = "/tmp/cloudsql-binder-bench"
-    )]
-    work_dir: PathBuf,
+    /// The bench's working directory: its own control plane (`<dir>/cluster`,
+    /// never the shared .cluster/) and the operators' logs (`<dir>/logs`).
+    /// Default: bench/work in the repository (git-ignored).
+    #[arg(long, env = "CLOUDSQL_BINDER_BENCH_DIR")]
+    work_dir: Option<PathBuf>,
     /// Where the results JSON goes (default: bench/results/<date>.json).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -198,9 +196,9 @@ fn default_binary(repo: &Path) -> anyhow::Result<PathBuf> {
     )
 }
 
-/// Whether `cloudsql-binder run` has the admission webhook flags.
-fn webhook_support(binary: &Path) -> Result<(), String> {
-    let help = command_output(&binary.display().to_string(), &["run", "--help"]);
+/// Whether `cloudsql-binder run` (whose `--help` is `help`) has the admission
+/// webhook flags.
+fn webhook_support(help: &str) -> Result<(), String> {
     let missing: Vec<&str> = ["--webhook-listen", "--webhook-url"]
         .into_iter()
         .filter(|f| !help.contains(f))
@@ -212,6 +210,17 @@ fn webhook_support(binary: &Path) -> Result<(), String> {
             "`cloudsql-binder run --help` has no {} flag (the admission webhook is not in this build)",
             missing.join(" / ")
         ))
+    }
+}
+
+/// Flags every `cloudsql-binder run` of the bench gets: a single replica
+/// without leader election (like Google's operator, whose `--leader-elect`
+/// is off by default), so no Lease renewals count as writes.
+fn binder_base_args(help: &str) -> Vec<String> {
+    if help.contains("--leader-election ") || help.contains("--leader-election <") {
+        vec!["--leader-election=false".to_string()]
+    } else {
+        Vec::new()
     }
 }
 
@@ -360,7 +369,10 @@ fn ratios(figures: &mut BTreeMap<String, f64>, sizes: &[usize], selector: usize)
 
 async fn bench(args: Args) -> anyhow::Result<()> {
     let repo = repo_root();
-    let work = args.work_dir.clone();
+    let work = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| repo.join("bench/work"));
     let cluster_dir = work.join("cluster");
     if cluster_dir.starts_with(repo.join(".cluster")) || cluster_dir == repo.join(".cluster") {
         bail!("the bench never uses the shared .cluster/; pick another --work-dir");
@@ -386,7 +398,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     {
         eprintln!("bench: Google's operator cannot be run: {why}");
     }
-    let webhook = webhook_support(&binary);
+    let help = command_output(&binary.display().to_string(), &["run", "--help"]);
+    let webhook = webhook_support(&help);
+    let binder_args = binder_base_args(&help);
     let started_at = k8s_openapi::jiff::Timestamp::now();
     let steps = plan(&args);
     eprintln!(
@@ -411,6 +425,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         timeout: Duration::from_secs(args.timeout_secs),
         limit_levels: args.limit_concurrency.clone(),
         webhook: webhook.clone(),
+        binder_args,
         crds_yaml,
         idle: Duration::from_secs(args.idle_secs),
         run: 0,

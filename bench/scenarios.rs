@@ -40,6 +40,8 @@ pub struct Ctx {
     pub limit_levels: Vec<usize>,
     /// Ok when `cloudsql-binder run` has the webhook flags; else why not.
     pub webhook: Result<(), String>,
+    /// Flags every `cloudsql-binder run` gets (see `binder_base_args`).
+    pub binder_args: Vec<String>,
     pub crds_yaml: String,
     pub idle: Duration,
     pub run: usize,
@@ -81,6 +83,11 @@ impl Record {
 
 const NS: &str = "bench";
 
+/// Pause between an operator becoming ready and the first apply, so one-off
+/// startup work (Google's operator re-checks every AuthProxyWorkload once
+/// at start) does not overlap the measurement. Both operators get it.
+const SETTLE: Duration = Duration::from_secs(2);
+
 /// cloudsql-binder, running.
 struct Binder {
     proc: Proc,
@@ -105,6 +112,7 @@ impl Ctx {
             "--metrics-addr".to_string(),
             format!("127.0.0.1:{port}"),
         ];
+        args.extend_from_slice(&self.binder_args);
         args.extend_from_slice(extra);
         let envs = vec![(
             "KUBECONFIG".to_string(),
@@ -228,6 +236,32 @@ async fn google_writes(url: &str) -> (f64, f64) {
     }
 }
 
+/// The metrics that explain an operator's behaviour (reconciles, errors,
+/// durations, client requests), as `name{labels}` → value.
+async fn operator_metrics(url: &str, prefixes: &[&str]) -> BTreeMap<String, f64> {
+    let Ok(samples) = scrape(url).await else {
+        return BTreeMap::new();
+    };
+    samples
+        .iter()
+        .filter(|s| prefixes.iter().any(|p| s.name.starts_with(p)) && !s.name.ends_with("_bucket"))
+        .map(|s| {
+            let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+            (format!("{}{{{}}}", s.name, labels.join(",")), s.value)
+        })
+        .collect()
+}
+
+const BINDER_METRICS: &[&str] = &["cloudsql_binder_"];
+const GOOGLE_METRICS: &[&str] = &[
+    "controller_runtime_reconcile_total",
+    "controller_runtime_reconcile_errors_total",
+    "controller_runtime_reconcile_time_seconds_sum",
+    "controller_runtime_reconcile_time_seconds_count",
+    "controller_runtime_webhook_requests_total",
+    "rest_client_requests_total",
+];
+
 async fn server_writes(cluster: &Cluster) -> BTreeMap<String, f64> {
     match cluster.apiserver_metrics().await {
         Ok(samples) => cluster::server_writes(&samples),
@@ -236,6 +270,64 @@ async fn server_writes(cluster: &Cluster) -> BTreeMap<String, f64> {
             BTreeMap::new()
         }
     }
+}
+
+/// The operator's write counter once it stopped writing.
+struct Quiet {
+    writes: f64,
+    /// When the counter last moved (± one poll).
+    last_write: Instant,
+}
+
+/// How long without a new write counts as done.
+const QUIET: Duration = Duration::from_secs(2);
+
+async fn writes_of(url: &str, google: bool) -> f64 {
+    if google {
+        google_writes(url).await.0
+    } else {
+        binder_writes(url).await
+    }
+}
+
+/// Polls the operator's write counter until it has not moved for [`QUIET`]
+/// (at most 60 s): the writes that trail convergence count too.
+async fn quiesce(url: &str, google: bool) -> Quiet {
+    let mut writes = writes_of(url, google).await;
+    let mut last_write = Instant::now();
+    let limit = Instant::now() + Duration::from_secs(60);
+    while last_write.elapsed() < QUIET && Instant::now() < limit {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = writes_of(url, google).await;
+        if now != writes {
+            writes = now;
+            last_write = Instant::now();
+        }
+    }
+    Quiet { writes, last_write }
+}
+
+/// Records writes at convergence and until quiet, and when the last write came.
+fn record_writes(
+    record: &mut Record,
+    prefix: &str,
+    before: f64,
+    at_convergence: f64,
+    quiet: &Quiet,
+    first_apply: Instant,
+) {
+    record.fig(
+        format!("{prefix}.api_writes_at_convergence"),
+        at_convergence - before,
+    );
+    record.fig(format!("{prefix}.api_writes"), quiet.writes - before);
+    record.fig(
+        format!("{prefix}.last_write_after_first_apply_s"),
+        quiet
+            .last_write
+            .saturating_duration_since(first_apply)
+            .as_secs_f64(),
+    );
 }
 
 /// Times from a burst of applies to the moment every watch was done.
@@ -313,6 +405,7 @@ pub async fn binder_size(
             .await?;
         let prefix = format!("converge.{key}.binder");
         record.fig(format!("{prefix}.startup_s"), binder.startup.as_secs_f64());
+        tokio::time::sleep(SETTLE).await;
 
         let names: BTreeSet<String> = (0..n).map(workload_name).collect();
         let deployments = Watch::start(
@@ -348,15 +441,29 @@ pub async fn binder_size(
         let converged_ok = match converged(burst, &outcomes) {
             Ok(c) => {
                 record_converged(&mut record, &prefix, &c);
-                record.fig(
-                    format!("{prefix}.api_writes"),
-                    binder_writes(&binder.metrics).await - writes_before,
+                let at_convergence = binder_writes(&binder.metrics).await;
+                let quiet = quiesce(&binder.metrics, false).await;
+                record_writes(
+                    &mut record,
+                    &prefix,
+                    writes_before,
+                    at_convergence,
+                    &quiet,
+                    burst.first_sent,
                 );
                 record.usage(&prefix, usage);
+                record.fig(
+                    format!("{prefix}.cpu_until_quiet_s"),
+                    binder.proc.usage()?.cpu_s,
+                );
                 let server = server_writes(&cluster).await;
                 record.detail(
                     format!("{prefix}.server_writes"),
                     cluster::delta(&server_before, &server),
+                );
+                record.detail(
+                    format!("{prefix}.operator_metrics"),
+                    operator_metrics(&binder.metrics, BINDER_METRICS).await,
                 );
                 eprintln!(
                     "bench: cloudsql-binder, {n} bindings: converged {:.2}s after the last apply ({:.2}s from the first)",
@@ -496,9 +603,15 @@ async fn budget_regrant(
     match converged(burst, &[outcome]) {
         Ok(c) => {
             record.fig(format!("budget.{key}.regrant_s"), c.from_first_apply);
-            record.fig(
-                format!("budget.{key}.api_writes"),
-                binder_writes(&binder.metrics).await - writes_before,
+            let at_convergence = binder_writes(&binder.metrics).await;
+            let quiet = quiesce(&binder.metrics, false).await;
+            record_writes(
+                record,
+                &format!("budget.{key}"),
+                writes_before,
+                at_convergence,
+                &quiet,
+                first_sent,
             );
             let grants: BTreeSet<&String> = expected.values().collect();
             record.detail(
@@ -625,6 +738,7 @@ pub async fn google_size(ctx: &Ctx, n: usize) -> anyhow::Result<Record> {
     let log = ctx.log(&format!("google-{key}"));
     let op = google::start(&cluster, build, &log, ctx.timeout).await?;
     record.fig(format!("{prefix}.startup_s"), op.startup.as_secs_f64());
+    tokio::time::sleep(SETTLE).await;
     let names: BTreeSet<String> = (0..n).map(workload_name).collect();
     let deployments = Watch::start(
         api(&cluster, NS, &objects::deployments()),
@@ -659,14 +773,31 @@ pub async fn google_size(ctx: &Ctx, n: usize) -> anyhow::Result<Record> {
     match converged(burst, &outcomes) {
         Ok(c) => {
             record_converged(&mut record, &prefix, &c);
-            let (writes, reads) = google_writes(&op.metrics_url).await;
-            record.fig(format!("{prefix}.api_writes"), writes - writes_before);
+            let (at_convergence, _) = google_writes(&op.metrics_url).await;
+            let quiet = quiesce(&op.metrics_url, true).await;
+            record_writes(
+                &mut record,
+                &prefix,
+                writes_before,
+                at_convergence,
+                &quiet,
+                burst.first_sent,
+            );
+            let (_, reads) = google_writes(&op.metrics_url).await;
             record.fig(format!("{prefix}.api_reads"), reads - reads_before);
             record.usage(&prefix, usage);
+            record.fig(
+                format!("{prefix}.cpu_until_quiet_s"),
+                op.proc.usage()?.cpu_s,
+            );
             let server = server_writes(&cluster).await;
             record.detail(
                 format!("{prefix}.server_writes"),
                 cluster::delta(&server_before, &server),
+            );
+            record.detail(
+                format!("{prefix}.operator_metrics"),
+                operator_metrics(&op.metrics_url, GOOGLE_METRICS).await,
             );
             eprintln!(
                 "bench: Google's operator, {n} AuthProxyWorkloads: done {:.2}s after the last apply ({:.2}s from the first)",
@@ -728,6 +859,18 @@ impl Running {
             Running::Google(g) => google_writes(&g.metrics_url).await.0,
         }
     }
+    async fn quiesce(&self) -> Quiet {
+        match self {
+            Running::Binder(b) => quiesce(&b.metrics, false).await,
+            Running::Google(g) => quiesce(&g.metrics_url, true).await,
+        }
+    }
+    async fn metrics(&self) -> BTreeMap<String, f64> {
+        match self {
+            Running::Binder(b) => operator_metrics(&b.metrics, BINDER_METRICS).await,
+            Running::Google(g) => operator_metrics(&g.metrics_url, GOOGLE_METRICS).await,
+        }
+    }
     async fn stop(self) -> Usage {
         match self {
             Running::Binder(b) => b.proc.stop().await,
@@ -742,12 +885,14 @@ async fn start(
     subject: Subject,
     label: &str,
 ) -> anyhow::Result<Running> {
-    Ok(match subject {
+    let running = match subject {
         Subject::Binder => Running::Binder(ctx.start_binder(cluster, label, &[]).await?),
         Subject::Google => Running::Google(
             google::start(cluster, ctx.google_build()?, &ctx.log(label), ctx.timeout).await?,
         ),
-    })
+    };
+    tokio::time::sleep(SETTLE).await;
+    Ok(running)
 }
 
 async fn subject_cluster(
@@ -833,8 +978,18 @@ pub async fn selector(ctx: &Ctx, subject: Subject, n: usize) -> anyhow::Result<R
     match converged(burst, &outcomes) {
         Ok(c) => {
             record.fig(format!("{prefix}.after_last_apply_s"), c.after_last_apply);
-            record.fig(format!("{prefix}.api_writes"), op.writes().await - writes_before);
+            let at_convergence = op.writes().await;
+            let quiet = op.quiesce().await;
+            record_writes(
+                &mut record,
+                &prefix,
+                writes_before,
+                at_convergence,
+                &quiet,
+                burst.first_sent,
+            );
             record.usage(&prefix, usage);
+            record.detail(format!("{prefix}.operator_metrics"), op.metrics().await);
             eprintln!(
                 "bench: {}, one selector over {n} Deployments: {:.2}s",
                 subject.key(),
@@ -946,9 +1101,15 @@ pub async fn footprint(
     match converged(burst, &outcomes) {
         Ok(c) => {
             record.fig(format!("{prefix}.from_first_apply_s"), c.from_first_apply);
-            record.fig(
-                format!("{prefix}.api_writes"),
-                op.writes().await - writes_before,
+            let writes_at_convergence = op.writes().await;
+            let quiet = op.quiesce().await;
+            record_writes(
+                &mut record,
+                &prefix,
+                writes_before,
+                writes_at_convergence,
+                &quiet,
+                burst.first_sent,
             );
             let at_convergence = op.proc().usage()?;
             let idle_writes_before = op.writes().await;
@@ -963,6 +1124,7 @@ pub async fn footprint(
                 op.writes().await - idle_writes_before,
             );
             record.fig(format!("{prefix}.rss_idle_mib"), after_idle.rss_mib);
+            record.detail(format!("{prefix}.operator_metrics"), op.metrics().await);
         }
         Err(progress) => record.note(format!(
             "footprint: {} did not finish within {:?} ({progress}; owners done {}/{})",
@@ -1034,6 +1196,9 @@ pub async fn admission_binder(ctx: &Ctx, count: usize) -> anyhow::Result<Record>
         cluster.down();
         return Ok(record);
     }
+    // The webhook keeps its certificate in a Secret of the operator's own
+    // namespace (--webhook-secret-namespace, default `cloudsql-binder`).
+    cluster.namespace("cloudsql-binder").await?;
     let port = free_port()?;
     let url = format!("https://127.0.0.1:{port}");
     let extra = vec![

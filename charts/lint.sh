@@ -49,8 +49,8 @@ reject() { # --set-argument expected-message-part...
 }
 reject 'replicas=two' "/replicas" "want integer"
 reject 'logFormat=xml' "/logFormat" "'json', 'text'"
-reject 'webhook.failurePolicy=Maybe' "/webhook/failurePolicy" "'Ignore', 'Fail'"
-reject 'webhook.timeoutSeconds=60' "/webhook/timeoutSeconds" "want 30"
+reject 'webhook.port=70000' "/webhook/port" "maximum"
+reject 'webhook.enabled=yes' "/webhook/enabled" "want boolean"
 reject 'serviceAccount.gcpServiceAccount=operator' "/serviceAccount/gcpServiceAccount" "does not match pattern"
 reject 'replica=3' "additional properties 'replica' not allowed"
 

@@ -23,7 +23,7 @@ enum Command {
     #[command(long_about = RENDER_LONG_ABOUT)]
     Render(RenderArgs),
     /// Run the operator: keep bound workloads injected and budgets current.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 /// Options of `cloudsql-binder run`.
@@ -171,7 +171,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(run_operator(args))?;
+            runtime.block_on(run_operator(*args))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -354,7 +354,8 @@ The pool granted per pod comes from the same connection budget the operator comp
 in the input: the instance's capacity from its spec (capacity.maxConnections, else capacity.tier with the \
 tier table; the Admin API is not asked offline), each binding's max pods from the workloads and \
 HorizontalPodAutoscalers in the input (a DaemonSet counts as one node), shared by weighted fair share. \
-An instance whose spec gives no capacity grants minPerPod.\n\n\
+An instance whose spec gives no capacity grants each binding its maxPerPod (render cannot ask the \
+Admin API; set capacity.maxConnections or capacity.tier to render with the budget).\n\n\
 On any error (invalid YAML, a binding whose instance is not in the input, an unknown kind, a conflict) \
 nothing is printed; each problem goes to stderr on one line and the exit status is non-zero.";
 

@@ -12,7 +12,9 @@
 //! Admin API offline), each binding's max pods from the workloads and
 //! HorizontalPodAutoscalers in the input (a DaemonSet counts as one node), and
 //! the weighted fair share. An instance whose capacity the spec does not give
-//! grants `minPerPod`, as the operator does while the capacity is unknown.
+//! grants each binding its `maxPerPod` (the operator would ask the Admin API;
+//! render cannot), so set `capacity.maxConnections` or `capacity.tier` to
+//! render with the budget.
 //!
 //! A workload that no binding in the input selects is printed as it is (an
 //! injection it already carries stays); `--remove` takes out every injection
@@ -414,7 +416,9 @@ fn offline_grants(
                     grants.extend(allocation.grants);
                 }
             }
-            _ => grants.extend(requests.into_iter().map(|r| (r.key, r.min_per_pod))),
+            // Offline there is no Admin API to ask: without a capacity in the
+            // spec, each binding gets what it requests.
+            _ => grants.extend(requests.into_iter().map(|r| (r.key, r.max_per_pod))),
         }
     }
     grants

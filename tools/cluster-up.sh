@@ -90,7 +90,8 @@ KUBECONFIG="$kubeconfig.tmp" kubectl config use-context local >/dev/null
 start() { # component args...
   local c="$1"; shift
   # setsid: the component must outlive this script and be stopped only through its pid file.
-  setsid "$bin/$c" "$@" >"$logs/$c.log" 2>&1 </dev/null &
+  # 9>&-: the lock fd must not be inherited, or the next run waits forever.
+  setsid "$bin/$c" "$@" >"$logs/$c.log" 2>&1 </dev/null 9>&- &
   echo $! >"$state/$c.pid"
 }
 

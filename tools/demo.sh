@@ -69,9 +69,27 @@ started=$SECONDS
 command -v kubectl >/dev/null || fail "kubectl is needed"
 command -v python3 >/dev/null || fail "python3 is needed"
 
-say "starting the local control plane in $state (the first run builds it: several minutes)"
-# shellcheck disable=SC1090 # prints `export KUBECONFIG=...`
-eval "$(bash "$here/cluster-up.sh")"
+# A healthy control plane is used as it is, checked as tools/cluster-up.sh
+# checks it: that script takes a lock which the components it starts inherit
+# and keep, so run against a running cluster it would wait forever.
+cluster_running() {
+  [[ -f "$state/kubeconfig" ]] || return 1
+  local c pid
+  for c in etcd kube-apiserver kube-controller-manager; do
+    pid="$(cat "$state/$c.pid" 2>/dev/null)" || return 1
+    [[ "$pid" =~ ^[0-9]+$ && -r "/proc/$pid/cmdline" ]] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$state" || return 1
+  done
+  KUBECONFIG="$state/kubeconfig" kubectl get --raw /readyz >/dev/null 2>&1
+}
+if cluster_running; then
+  say "the local control plane in $state is running"
+  export KUBECONFIG="$state/kubeconfig"
+else
+  say "starting the local control plane in $state (the first run builds it: several minutes)"
+  # shellcheck disable=SC1090 # prints `export KUBECONFIG=...`
+  eval "$(bash "$here/cluster-up.sh")"
+fi
 helm="$(bash "$here/build-controlplane.sh")/helm"
 
 say "building the operator"
@@ -134,7 +152,11 @@ curl -sf "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 \
 
 say "applying examples/ in namespace $app_ns"
 kubectl create namespace "$app_ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-kubectl apply --server-side --field-manager=demo-user -n "$app_ns" -f "$repo/examples/" >/dev/null
+# --force-conflicts for a second run: Knative's CRD declares a Service's
+# `containers` an atomic list, so the operator's injected env makes it the
+# owner of the whole list; the user's re-apply takes it back and the operator
+# injects again.
+kubectl apply --server-side --force-conflicts --field-manager=demo-user -n "$app_ns" -f "$repo/examples/" >/dev/null
 
 expected="$(cat "$repo"/examples/*.yaml | grep -c '^kind: CloudSqlBinding$')"
 say "waiting for the $expected bindings to be Ready"

@@ -33,6 +33,10 @@ use crate::plan::INJECTED_ANNOTATION;
 /// The finalizer that lets a deleted binding take its injection out first.
 pub const FINALIZER: &str = "cloudsql.dev/cleanup";
 
+/// How often a binding whose workloads are injected at admission looks for
+/// pods that missed the webhook.
+const ADMISSION_RESYNC: Duration = Duration::from_secs(30);
+
 /// How many workloads of one binding are applied at once.
 const WORKLOAD_CONCURRENCY: usize = 16;
 
@@ -739,6 +743,16 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
     if retry_soon {
         // A roll waits for the webhook to answer again.
         return Ok(Action::requeue(Duration::from_secs(10)));
+    }
+    if status
+        .workloads
+        .iter()
+        .any(|w| w.reason.as_deref() == Some("Admission") && w.kind != "Pod")
+    {
+        // Pod events reach bindings of kind Pod only: new pods of workloads
+        // injected at admission are looked at for missed injections on their
+        // owner's events and, as a backstop, this often.
+        return Ok(Action::requeue(ADMISSION_RESYNC));
     }
     Ok(Action::requeue(Duration::from_secs(30 * 60)))
 }

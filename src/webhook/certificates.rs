@@ -389,6 +389,10 @@ pub async fn run_certificate_manager(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let names = options.endpoint.subject_alt_names()?;
+    // While the configurations are ours to keep, pods of these namespaces
+    // are expected to pass the webhook: the controller reports those that
+    // did not.
+    let _configured = super::ServingGuard::register(&options);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let wait = match ensure(&client, &options, &names).await {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
+    MatchCondition, MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
     ValidatingWebhook, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
@@ -131,26 +131,30 @@ pub fn mutating_configuration(
 }
 
 /// The validating configuration: bindings (`failurePolicy: Fail`: a
-/// conflicting binding must not slip in) and scaling changes (warnings only,
-/// `failurePolicy: Ignore`).
+/// conflicting binding must not slip in; only creations and spec changes are
+/// sent, so the controller's finalizer updates never depend on the webhook)
+/// and scaling changes (warnings only, `failurePolicy: Ignore`).
 pub fn validating_configuration(
     options: &WebhookOptions,
     ca_bundle: &[u8],
 ) -> ValidatingWebhookConfiguration {
-    let webhook =
-        |name: &str, path: &str, failure: &str, rules: Vec<RuleWithOperations>| ValidatingWebhook {
-            name: name.to_owned(),
-            admission_review_versions: vec!["v1".to_owned()],
-            client_config: client_config(options, path, ca_bundle),
-            failure_policy: Some(failure.to_owned()),
-            match_policy: Some("Equivalent".to_owned()),
-            namespace_selector: Some(namespace_selector(options)),
-            object_selector: None,
-            rules: Some(rules),
-            side_effects: "None".to_owned(),
-            timeout_seconds: Some(TIMEOUT_SECONDS),
-            match_conditions: None,
-        };
+    let webhook = |name: &str,
+                   path: &str,
+                   failure: &str,
+                   rules: Vec<RuleWithOperations>,
+                   match_conditions: Option<Vec<MatchCondition>>| ValidatingWebhook {
+        name: name.to_owned(),
+        admission_review_versions: vec!["v1".to_owned()],
+        client_config: client_config(options, path, ca_bundle),
+        failure_policy: Some(failure.to_owned()),
+        match_policy: Some("Equivalent".to_owned()),
+        namespace_selector: Some(namespace_selector(options)),
+        object_selector: None,
+        rules: Some(rules),
+        side_effects: "None".to_owned(),
+        timeout_seconds: Some(TIMEOUT_SECONDS),
+        match_conditions,
+    };
     ValidatingWebhookConfiguration {
         metadata: metadata(options),
         webhooks: Some(vec![
@@ -164,6 +168,11 @@ pub fn validating_configuration(
                     crate::api::VERSION,
                     &["cloudsqlbindings"],
                 )],
+                Some(vec![MatchCondition {
+                    name: "spec-changed".to_owned(),
+                    expression: "request.operation == 'CREATE' || object.spec != oldObject.spec"
+                        .to_owned(),
+                }]),
             ),
             webhook(
                 "scale.cloudsql.dev",
@@ -189,6 +198,7 @@ pub fn validating_configuration(
                         &["deployments/scale", "statefulsets/scale"],
                     ),
                 ],
+                None,
             ),
         ]),
     }

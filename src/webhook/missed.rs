@@ -77,8 +77,9 @@ pub fn missed_pods(stores: &Stores, binding: &CloudSqlBinding) -> Vec<MissedPod>
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| !opted_out(p.metadata.labels.as_ref()))
         .filter_map(|p| {
+            // Timestamps have whole seconds: a pod of the binding's second counts.
             let created = p.metadata.creation_timestamp.as_ref()?.0;
-            if created <= since {
+            if created < since {
                 return None;
             }
             let annotations = p.metadata.annotations.as_ref();

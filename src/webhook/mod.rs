@@ -30,6 +30,8 @@ mod pods;
 mod review;
 mod scale;
 mod server;
+#[cfg(test)]
+mod tests;
 mod tls;
 
 use std::collections::BTreeMap;
@@ -186,13 +188,15 @@ impl WebhookOptions {
     }
 }
 
-/// The namespaces for which a webhook server runs in this process (one
-/// entry per running [`serve`]). The controller reads it through
-/// [`serves_namespace`] to tell "injected at admission" from "needs the
-/// webhook".
+/// The namespaces whose pods the webhook configurations managed by this
+/// process send to the webhook (one entry per running
+/// [`run_certificate_manager`], the leader's job like the controllers). The
+/// binding controller reads it through [`serves_namespace`] to tell "injected
+/// at admission" from "needs the webhook", and to look for missed injections.
 static SERVING: Mutex<BTreeMap<u64, WebhookOptions>> = Mutex::new(BTreeMap::new());
 
-/// Whether an admission webhook of this process serves namespace `ns`.
+/// Whether the admission webhook managed by this process intercepts pods of
+/// namespace `ns` (its configurations are kept by this process).
 pub fn serves_namespace(ns: &str) -> bool {
     SERVING
         .lock()
@@ -200,7 +204,7 @@ pub fn serves_namespace(ns: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Registers a running server in [`SERVING`] until dropped.
+/// Registers a running certificate manager in [`SERVING`] until dropped.
 struct ServingGuard(u64);
 
 impl ServingGuard {
@@ -255,7 +259,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 #[cfg(test)]
-mod tests {
+mod unit_tests {
     use super::*;
 
     #[test]

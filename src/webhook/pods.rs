@@ -84,8 +84,27 @@ pub(crate) fn mutate(request: &AdmissionRequest<Pod>, ctx: &AdmissionContext) ->
         }
     }
 
+    // Record which admission-routed bindings were handled, so a bound pod
+    // without the record tells the controller the webhook was not called.
+    // Written before the injection, so that the injection's own record of
+    // what it created is the same on every pass.
+    let handled: BTreeSet<&str> = routes
+        .iter()
+        .filter(|(b, _, at)| {
+            *at && desire
+                .outcomes
+                .contains_key(&crate::controller::world::binding_key(b))
+        })
+        .filter_map(|(b, _, _)| b.metadata.name.as_deref())
+        .collect();
     let mut after = pod.clone();
     let mut annotations = pod.metadata.annotations.clone();
+    if !handled.is_empty() {
+        annotations.get_or_insert_default().insert(
+            ADMITTED_ANNOTATION.to_owned(),
+            handled.into_iter().collect::<Vec<_>>().join(","),
+        );
+    }
     let mut new_spec = spec.clone();
     if let Err(conflicts) = desire
         .injection
@@ -96,23 +115,6 @@ pub(crate) fn mutate(request: &AdmissionRequest<Pod>, ctx: &AdmissionContext) ->
             warnings.push(format!("cloudsql-binder: not injected: {conflict}"));
         }
         return with_warnings(response, warnings);
-    }
-    // Record which admission-routed bindings were handled, so a bound pod
-    // without the record tells the controller the webhook was not called.
-    let handled: BTreeSet<&str> = routes
-        .iter()
-        .filter(|(b, _, at)| {
-            *at && desire
-                .outcomes
-                .contains_key(&crate::controller::world::binding_key(b))
-        })
-        .filter_map(|(b, _, _)| b.metadata.name.as_deref())
-        .collect();
-    if !handled.is_empty() {
-        annotations.get_or_insert_default().insert(
-            ADMITTED_ANNOTATION.to_owned(),
-            handled.into_iter().collect::<Vec<_>>().join(","),
-        );
     }
     after.spec = Some(new_spec);
     after.metadata.annotations = annotations;

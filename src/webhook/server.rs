@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use super::review::{AdmissionContext, ReviewError, Route, review};
 use super::tls::{ReloadingResolver, certified_key, server_config};
-use super::{Error, MAX_REVIEW_BYTES, ServingGuard, WebhookOptions};
+use super::{Error, MAX_REVIEW_BYTES, WebhookOptions};
 use crate::controller::Cluster;
 
 /// How long a TLS handshake may take.
@@ -73,7 +73,6 @@ pub async fn serve_on(
         options: options.clone(),
     });
     let router = router(ctx);
-    let _serving = ServingGuard::register(&options);
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
           "serving the admission webhook");
 

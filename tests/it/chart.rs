@@ -65,13 +65,18 @@ fn the_charts_crds_are_the_generated_crds() {
 
 /// The operator container's args as `helm template` renders them.
 fn rendered_args(values: &[&str]) -> Vec<String> {
+    rendered_args_for("csb", "cloudsql-binder", values)
+}
+
+/// The operator container's args for release `release` in `namespace`.
+fn rendered_args_for(release: &str, namespace: &str, values: &[&str]) -> Vec<String> {
     let chart = chart_dir();
     let mut args = vec![
         "template",
-        "csb",
+        release,
         chart.to_str().expect("a UTF-8 path"),
         "--namespace",
-        "cloudsql-binder",
+        namespace,
         "--show-only",
         "templates/deployment.yaml",
     ];
@@ -138,7 +143,11 @@ impl Release {
             args.extend_from_slice(&["--set", set]);
         }
         let (ok, out, err) = run_helm(&args);
-        assert!(ok, "helm install failed:\n{out}\n{err}");
+        assert!(
+            ok,
+            "helm install failed:\n{out}\n{err}\n(a conflict on a CRD means the chart's copy is \
+             stale: cp crds/cloudsql.dev_crds.yaml charts/cloudsql-binder/crds/)"
+        );
         assert!(
             out.contains("kubectl get sqlinstances,sqlbindings"),
             "helm install printed no NOTES:\n{out}"
@@ -161,6 +170,15 @@ impl Drop for Release {
             return;
         }
         let _ = run_helm(&["uninstall", &self.name, "--namespace", &self.namespace]);
+        // Helm deletes only what still carries `managed-by: Helm`; the
+        // operator relabels the webhook configurations it applies.
+        let name = self.fullname();
+        for kind in [
+            "mutatingwebhookconfiguration",
+            "validatingwebhookconfiguration",
+        ] {
+            let _ = support::kubectl(&["delete", kind, &name, "--ignore-not-found"], None);
+        }
     }
 }
 
@@ -239,20 +257,31 @@ impl OperatorProcess {
         lease: &str,
         dir: &Path,
     ) -> OperatorProcess {
+        let args = [
+            "run",
+            "--namespace",
+            namespace,
+            "--leader-election-namespace",
+            namespace,
+            "--leader-election-lease",
+            lease,
+        ]
+        .map(String::from);
+        OperatorProcess::start_with(identity, kubeconfig, &args, dir)
+    }
+
+    /// Starts `cloudsql-binder ARGS --metrics-addr 127.0.0.1:<free>`.
+    fn start_with(
+        identity: &str,
+        kubeconfig: &Path,
+        args: &[String],
+        dir: &Path,
+    ) -> OperatorProcess {
         let metrics = format!("127.0.0.1:{}", free_port());
         let log = dir.join(format!("{identity}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_cloudsql-binder"))
-            .args([
-                "run",
-                "--namespace",
-                namespace,
-                "--leader-election-namespace",
-                namespace,
-                "--leader-election-lease",
-                lease,
-                "--metrics-addr",
-                &metrics,
-            ])
+            .args(args)
+            .args(["--metrics-addr", &metrics])
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAME", identity)
             .env("NO_COLOR", "1")
@@ -420,7 +449,6 @@ async fn wait_bound(ns: &TestNamespace, name: &str, operators: &mut [&mut Operat
         Api::namespaced_with(ns.client.clone(), &ns.name, &ar("CloudSqlBinding"));
     let deployments: Api<Deployment> = ns.api();
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = Value::Null;
     loop {
         for op in operators.iter_mut() {
             op.assert_running();
@@ -454,7 +482,6 @@ async fn wait_bound(ns: &TestNamespace, name: &str, operators: &mut [&mut Operat
         if ready && injected {
             return;
         }
-        last = binding["status"].clone();
         if Instant::now() >= deadline {
             let logs: Vec<String> = operators
                 .iter()
@@ -462,7 +489,8 @@ async fn wait_bound(ns: &TestNamespace, name: &str, operators: &mut [&mut Operat
                 .collect();
             panic!(
                 "binding {name} never became Ready with its Deployment injected (injected: {injected}); \
-                 last status: {last:#}\n{}",
+                 last status: {:#}\n{}",
+                binding["status"],
                 logs.join("\n")
             );
         }
@@ -694,5 +722,92 @@ async fn two_operators_elect_one_leader_which_hands_over_on_sigterm() {
         second.log().contains("became the leader"),
         "replica-b's log:\n{}",
         second.log()
+    );
+}
+
+#[tokio::test]
+async fn the_charts_rbac_is_enough_for_the_webhook_certificates() {
+    let ns = TestNamespace::new("chart-webhook", &[]).await;
+    support::install_crds(&ns.client).await;
+    // watchNamespaces limits every webhook to the test namespace: the
+    // configurations point at a Service no pod backs here.
+    let values = [
+        "replicas=0".to_string(),
+        format!("watchNamespaces={{{}}}", ns.name),
+    ];
+    let sets: Vec<&str> = values.iter().map(String::as_str).collect();
+    let release = Release::install(&ns, &sets);
+    let name = release.fullname();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let kubeconfig = service_account_kubeconfig(dir.path(), &ns.name, &name);
+
+    // Exactly the arguments the chart gives the operator, but for the
+    // addresses: two local ports.
+    let set = values.join(",");
+    let mut args = rendered_args_for(&release.name, &ns.name, &["--set", &set]);
+    args.retain(|a| !a.starts_with("--metrics-addr="));
+    for arg in args.iter_mut() {
+        if arg.starts_with("--webhook-listen=") {
+            *arg = format!("--webhook-listen=127.0.0.1:{}", free_port());
+        }
+    }
+    assert!(
+        args.iter().any(|a| a.starts_with("--webhook-service=")),
+        "the chart renders no webhook args: {args:?}"
+    );
+    let mut operator =
+        OperatorProcess::start_with("chart-webhook-op", &kubeconfig, &args, dir.path());
+    operator.wait_ready().await;
+
+    // The operator created its certificate Secret and wrote its CA into every
+    // webhook of both configurations the chart installed.
+    let secret = format!("{name}-webhook-tls");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        operator.assert_running();
+        let (has_secret, _, _) =
+            support::kubectl(&["get", "secret", &secret, "-n", &ns.name], None);
+        let bundles: Vec<bool> = [
+            "mutatingwebhookconfiguration",
+            "validatingwebhookconfiguration",
+        ]
+        .iter()
+        .flat_map(|kind| {
+            let (_, out, _) = support::kubectl(&["get", kind, &name, "-o", "json"], None);
+            let config: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+            config["webhooks"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|w| {
+                    w["clientConfig"]["caBundle"]
+                        .as_str()
+                        .is_some_and(|b| !b.is_empty())
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+        if has_secret && bundles.len() == 3 && bundles.iter().all(|b| *b) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no certificate Secret {secret} or caBundle (webhooks with one: {bundles:?}); log:\n{}",
+            operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let log = operator.log();
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "the operator hit an RBAC denial; its log:\n{log}"
+    );
+    operator.terminate();
+    let status = operator.wait_exit(Duration::from_secs(20)).await;
+    assert!(
+        status.success(),
+        "the operator exited with {status}; log:\n{}",
+        operator.log()
     );
 }

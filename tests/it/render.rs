@@ -227,15 +227,21 @@ fn cases() -> Vec<Case> {
             options,
         });
     }
-    assert_eq!(
-        refused,
-        [
-            "conflict-two-bindings",
-            "conflict-user-env",
-            "knative-tcp-refused"
-        ],
-        "the golden inputs left out of the dry-run (refused by render) changed"
-    );
+    // The refusals are named so (conflict-*, *-refused); a golden output that is a
+    // refusal for an input not named so means an injection stopped rendering.
+    for stem in &refused {
+        assert!(
+            stem.starts_with("conflict-") || stem.ends_with("-refused"),
+            "golden {stem}.in.yaml no longer renders"
+        );
+    }
+    for known in [
+        "conflict-two-bindings",
+        "conflict-user-env",
+        "knative-tcp-refused",
+    ] {
+        assert!(refused.iter().any(|r| r == known), "golden {known} renders");
+    }
     assert!(cases.len() >= 10, "golden inputs are missing");
 
     cases.push(Case {
@@ -468,8 +474,23 @@ fn restricted_pods() -> Vec<Value> {
         .collect()
 }
 
-/// The proxy containers of a pod: (name, native sidecar?, args).
-fn proxies(pod: &Value) -> Vec<(String, bool, Vec<String>)> {
+/// A proxy container of a pod.
+#[derive(Debug, PartialEq)]
+struct ProxyContainer {
+    name: String,
+    /// An initContainer with `restartPolicy: Always`.
+    native: bool,
+    args: Vec<String>,
+}
+
+impl ProxyContainer {
+    fn has(&self, prefix: &str) -> bool {
+        self.args.iter().any(|a| a.starts_with(prefix))
+    }
+}
+
+/// The proxy containers of a pod.
+fn proxies(pod: &Value) -> Vec<ProxyContainer> {
     let mut found = Vec::new();
     for (list, native) in [("initContainers", true), ("containers", false)] {
         for c in pod["spec"][list].as_array().into_iter().flatten() {
@@ -486,7 +507,11 @@ fn proxies(pod: &Value) -> Vec<(String, bool, Vec<String>)> {
                     .flatten()
                     .filter_map(|a| a.as_str().map(str::to_owned))
                     .collect();
-                found.push((name.to_owned(), native, args));
+                found.push(ProxyContainer {
+                    name: name.to_owned(),
+                    native,
+                    args,
+                });
             }
         }
     }
@@ -500,12 +525,15 @@ async fn rendered_pods_are_admitted_under_pod_security_restricted() {
 
     // The input covers every proxy shape we generate.
     let all: Vec<_> = pods.iter().flat_map(proxies).collect();
-    let has = |f: &dyn Fn(&(String, bool, Vec<String>)) -> bool| all.iter().any(f);
-    let arg =
-        |p: &(String, bool, Vec<String>), prefix: &str| p.2.iter().any(|a| a.starts_with(prefix));
-    assert!(has(&|p| p.1 && arg(p, "--unix-socket=")), "native Unix");
-    assert!(has(&|p| !p.1 && arg(p, "--quitquitquit")), "classic");
-    assert!(has(&|p| arg(p, "--port=")), "TCP");
+    assert!(
+        all.iter().any(|p| p.native && p.has("--unix-socket=")),
+        "native Unix"
+    );
+    assert!(
+        all.iter().any(|p| !p.native && p.has("--quitquitquit")),
+        "classic"
+    );
+    assert!(all.iter().any(|p| p.has("--port=")), "TCP");
     assert!(
         pods.iter().any(|p| proxies(p).len() == 2),
         "two proxies on one pod"

@@ -331,3 +331,158 @@ impl Drop for Operator {
         }
     }
 }
+
+/// The operator with its admission webhook, in this process, for one test
+/// namespace: the controllers, the HTTPS webhook server on 127.0.0.1 (a free
+/// port) and the certificate manager (Secret in the test namespace). Its
+/// webhook configurations are named `cloudsql-binder-<namespace>` and select
+/// only that namespace, so tests running in parallel never see each other's
+/// webhooks; they are deleted when the operator is dropped.
+pub struct AdmissionOperator {
+    pub options: cloudsql_binder::webhook::WebhookOptions,
+    client: Client,
+    cluster: std::sync::Arc<cloudsql_binder::controller::Cluster>,
+    tasks: Vec<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+    webhook: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+impl AdmissionOperator {
+    /// Starts everything for namespace `ns`, with serving certificates valid
+    /// for `cert_validity`, once the caches synced.
+    pub async fn start(ns: &str, cert_validity: Duration) -> AdmissionOperator {
+        use cloudsql_binder::webhook::{self, Endpoint, WebhookOptions};
+        let client = client().await;
+        let metrics = std::sync::Arc::new(cloudsql_binder::telemetry::Metrics::default());
+        let controller_options = cloudsql_binder::controller::Options {
+            namespaces: vec![ns.to_owned()],
+            reporter_instance: Some("integration-test".into()),
+            ..Default::default()
+        };
+        let cluster =
+            cloudsql_binder::controller::Cluster::start(client.clone(), &controller_options).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding a free port for the webhook");
+        let addr = listener.local_addr().expect("the webhook's address");
+        let options = WebhookOptions {
+            listen: addr,
+            endpoint: Endpoint::Url(format!("https://127.0.0.1:{}", addr.port())),
+            configuration_name: format!("cloudsql-binder-{ns}"),
+            namespaces: vec![ns.to_owned()],
+            excluded_namespaces: vec![],
+            secret_namespace: ns.to_owned(),
+            secret_name: webhook::DEFAULT_SECRET_NAME.to_owned(),
+            cert_validity,
+        };
+        let mut operator = AdmissionOperator {
+            options: options.clone(),
+            client: client.clone(),
+            cluster: cluster.clone(),
+            tasks: Vec::new(),
+            webhook: None,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(cloudsql_binder::controller::run_controllers(
+            client.clone(),
+            cluster.clone(),
+            controller_options,
+            metrics,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        operator.tasks.push((tx, handle));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            webhook::run_certificate_manager(client, options, async move {
+                let _ = rx.await;
+            })
+            .await
+            .expect("the certificate manager");
+        });
+        operator.tasks.push((tx, handle));
+        operator.serve(listener);
+        operator
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(cloudsql_binder::webhook::serve_on(
+            listener,
+            self.client.clone(),
+            self.cluster.clone(),
+            self.options.clone(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        self.webhook = Some((
+            tx,
+            tokio::spawn(async move {
+                handle
+                    .await
+                    .expect("the webhook server task")
+                    .expect("the webhook server");
+            }),
+        ));
+    }
+
+    /// The stores the operator answers from.
+    pub fn stores(&self) -> cloudsql_binder::controller::world::Stores {
+        self.cluster.stores.clone()
+    }
+
+    /// Stops the webhook server only (connections refused; the controllers
+    /// and the certificate manager go on).
+    pub async fn stop_webhook(&mut self) {
+        if let Some((tx, handle)) = self.webhook.take() {
+            let _ = tx.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(20), handle).await;
+        }
+    }
+
+    /// Starts the webhook server again on the same port.
+    pub async fn start_webhook(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.options.listen)
+            .await
+            .expect("binding the webhook's port again");
+        self.serve(listener);
+    }
+
+    /// Stops everything and deletes the webhook configurations.
+    pub async fn stop(mut self) {
+        self.stop_webhook().await;
+        for (tx, handle) in self.tasks.drain(..) {
+            let _ = tx.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(20), handle).await;
+        }
+    }
+}
+
+impl Drop for AdmissionOperator {
+    fn drop(&mut self) {
+        if let Some((_, handle)) = self.webhook.take() {
+            handle.abort();
+        }
+        for (_, handle) in self.tasks.drain(..) {
+            handle.abort();
+        }
+        let name = &self.options.configuration_name;
+        let _ = kubectl(
+            &[
+                "delete",
+                "mutatingwebhookconfiguration,validatingwebhookconfiguration",
+                name,
+                "--ignore-not-found",
+                "--wait=false",
+            ],
+            None,
+        );
+    }
+}

@@ -63,6 +63,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "cloudsql-binder.webhookArgs" -}}
 {{- if .Values.webhook.enabled }}
 - --webhook-listen=0.0.0.0:{{ .Values.webhook.port }}
+- --webhook-service={{ .Release.Namespace }}/{{ include "cloudsql-binder.fullname" . }}
+- --webhook-service-port=443
+- --webhook-configuration-name={{ include "cloudsql-binder.webhookName" . }}
+- --webhook-secret-namespace={{ .Release.Namespace }}
+- --webhook-secret-name={{ include "cloudsql-binder.webhookTlsSecret" . }}
 {{- end }}
 {{- end }}
 
@@ -75,15 +80,38 @@ service:
   port: 443
 {{- end }}
 
-{{/* Namespaces the webhooks never see: kube-system, the operator's own, and webhook.excludeNamespaces. */}}
+{{/*
+The namespaces the webhooks see, exactly as the operator writes them
+(src/webhook/configuration.rs): never kube-system nor the release namespace,
+only watchNamespaces when set. Both lists sorted: the operator re-applies the
+configurations, and identical values keep Helm and it from conflicting.
+*/}}
 {{- define "cloudsql-binder.webhookNamespaceSelector" -}}
 matchExpressions:
   - key: kubernetes.io/metadata.name
     operator: NotIn
     values:
-      - kube-system
-      - {{ .Release.Namespace }}
-      {{- range .Values.webhook.excludeNamespaces }}
+      {{- range (list "kube-system" .Release.Namespace | sortAlpha | uniq) }}
       - {{ . }}
       {{- end }}
+  {{- with .Values.watchNamespaces }}
+  - key: kubernetes.io/metadata.name
+    operator: In
+    values:
+      {{- range (. | sortAlpha | uniq) }}
+      - {{ . }}
+      {{- end }}
+  {{- end }}
+{{- end }}
+
+{{/*
+Labels of the webhook configurations: the chart's, except
+app.kubernetes.io/managed-by, which the operator sets to cloudsql-binder when
+it applies them (Helm adds its own value itself).
+*/}}
+{{- define "cloudsql-binder.webhookLabels" -}}
+helm.sh/chart: {{ include "cloudsql-binder.chart" . }}
+{{ include "cloudsql-binder.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: cloudsql-binder
 {{- end }}
