@@ -8,8 +8,10 @@ export KUBECONFIG := $(CURDIR)/.cluster/kubeconfig
 build:
 	$(CARGO) build --release --bin cloudsql-binder
 
-## The test command (README and .ci/run): formatting, lints, unit and integration tests.
+## The test command (README and .ci/run): formatting, lints, the chart checks,
+## unit and integration tests (against the local control plane), the data path.
 test: lint
+	$(MAKE) chart-lint
 	$(CARGO) test --all-targets -- --test-threads=4
 	$(MAKE) e2e
 

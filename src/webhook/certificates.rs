@@ -361,7 +361,11 @@ fn next_material(
             // The next CA has been in the bundle for a period: no wait.
             let current = old.next.clone();
             let next = new_authority(now, validity)?;
-            let bundle = bundle_of(now, &[old.current.cert_pem.clone()], &[&current, &next]);
+            let bundle = bundle_of(
+                now,
+                std::slice::from_ref(&old.current.cert_pem),
+                &[&current, &next],
+            );
             Ok((build(current, next, bundle)?, false))
         }
         (Decision::Reissue, Some(old)) if old.current.not_after >= now + validity / 3 => Ok((

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
-    MatchCondition, MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
-    ValidatingWebhook, ValidatingWebhookConfiguration, WebhookClientConfig,
+    MatchCondition, MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations,
+    ServiceReference, ValidatingWebhook, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::api::ObjectMeta;
@@ -99,7 +99,7 @@ fn metadata(options: &WebhookOptions) -> ObjectMeta {
 /// The mutating configuration: Pods at creation. `failurePolicy: Ignore`
 /// (a Pod is never blocked by the webhook being down; the miss is reported
 /// by the controller), pods labelled `cloudsql.dev/inject: "false"` never
-/// sent, re-invoked when a later webhook changes the pod.
+/// sent, called once per pod.
 pub fn mutating_configuration(
     options: &WebhookOptions,
     ca_bundle: &[u8],
@@ -121,7 +121,11 @@ pub fn mutating_configuration(
                 }]),
                 match_labels: None,
             }),
-            reinvocation_policy: Some("IfNeeded".to_owned()),
+            // Called once per pod. Reinvoked after later mutations, it would
+            // give its env to sidecars other webhooks add, and take back what
+            // the API server's own plugins added to our proxy (the service
+            // account token mount), for a second call per pod.
+            reinvocation_policy: Some("Never".to_owned()),
             rules: Some(vec![rule(&["CREATE"], "", "v1", &["pods"])]),
             side_effects: "None".to_owned(),
             timeout_seconds: Some(TIMEOUT_SECONDS),
@@ -138,23 +142,24 @@ pub fn validating_configuration(
     options: &WebhookOptions,
     ca_bundle: &[u8],
 ) -> ValidatingWebhookConfiguration {
-    let webhook = |name: &str,
-                   path: &str,
-                   failure: &str,
-                   rules: Vec<RuleWithOperations>,
-                   match_conditions: Option<Vec<MatchCondition>>| ValidatingWebhook {
-        name: name.to_owned(),
-        admission_review_versions: vec!["v1".to_owned()],
-        client_config: client_config(options, path, ca_bundle),
-        failure_policy: Some(failure.to_owned()),
-        match_policy: Some("Equivalent".to_owned()),
-        namespace_selector: Some(namespace_selector(options)),
-        object_selector: None,
-        rules: Some(rules),
-        side_effects: "None".to_owned(),
-        timeout_seconds: Some(TIMEOUT_SECONDS),
-        match_conditions,
-    };
+    let webhook =
+        |name: &str,
+         path: &str,
+         failure: &str,
+         rules: Vec<RuleWithOperations>,
+         match_conditions: Option<Vec<MatchCondition>>| ValidatingWebhook {
+            name: name.to_owned(),
+            admission_review_versions: vec!["v1".to_owned()],
+            client_config: client_config(options, path, ca_bundle),
+            failure_policy: Some(failure.to_owned()),
+            match_policy: Some("Equivalent".to_owned()),
+            namespace_selector: Some(namespace_selector(options)),
+            object_selector: None,
+            rules: Some(rules),
+            side_effects: "None".to_owned(),
+            timeout_seconds: Some(TIMEOUT_SECONDS),
+            match_conditions,
+        };
     ValidatingWebhookConfiguration {
         metadata: metadata(options),
         webhooks: Some(vec![

@@ -12,6 +12,7 @@ use super::review::{AdmissionContext, with_warnings};
 use super::{ADMITTED_ANNOTATION, INJECT_LABEL};
 use crate::api::WorkloadKind;
 use crate::controller::world::{Outcome, Stores};
+use crate::plan::{CONFIG_HASH_ANNOTATION, INJECTED_ANNOTATION};
 
 /// Whether the pod opted out of injection (`cloudsql.dev/inject: "false"`).
 pub(crate) fn opted_out(labels: Option<&std::collections::BTreeMap<String, String>>) -> bool {
@@ -114,6 +115,18 @@ pub(crate) fn mutate(request: &AdmissionRequest<Pod>, ctx: &AdmissionContext) ->
         for conflict in conflicts {
             warnings.push(format!("cloudsql-binder: not injected: {conflict}"));
         }
+        return with_warnings(response, warnings);
+    }
+    // A pod made from a template the controller injected already carries
+    // this injection (same plans, same record of what is ours), with the
+    // API server's defaults in our containers: it passes unchanged.
+    let ours = |a: Option<&std::collections::BTreeMap<String, String>>| {
+        [CONFIG_HASH_ANNOTATION, INJECTED_ANNOTATION, ADMITTED_ANNOTATION]
+            .map(|key| a.and_then(|a| a.get(key)).cloned())
+    };
+    if !desire.injection.is_empty()
+        && ours(annotations.as_ref()) == ours(pod.metadata.annotations.as_ref())
+    {
         return with_warnings(response, warnings);
     }
     after.spec = Some(new_spec);

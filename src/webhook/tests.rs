@@ -36,7 +36,9 @@ fn options() -> WebhookOptions {
 }
 
 fn created(seconds: i64) -> Value {
-    json!(Time(Timestamp::from_second(1_700_000_000 + seconds).unwrap()))
+    json!(Time(
+        Timestamp::from_second(1_700_000_000 + seconds).unwrap()
+    ))
 }
 
 fn instance(max_connections: i64, allowed: Option<Value>) -> Value {
@@ -81,7 +83,13 @@ fn context(setup: impl FnOnce(&mut TestWriters)) -> AdmissionContext {
     }
 }
 
-fn review_of(kind: (&str, &str, &str), resource: &str, operation: &str, object: Value, old: Value) -> Vec<u8> {
+fn review_of(
+    kind: (&str, &str, &str),
+    resource: &str,
+    operation: &str,
+    object: Value,
+    old: Value,
+) -> Vec<u8> {
     let (group, version, kind) = kind;
     serde_json::to_vec(&json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
@@ -151,7 +159,13 @@ fn proxy_of(pod: &Value) -> Option<Value> {
 }
 
 fn pod_review(pod: &Value) -> Vec<u8> {
-    review_of(("", "v1", "Pod"), "pods", "CREATE", pod.clone(), Value::Null)
+    review_of(
+        ("", "v1", "Pod"),
+        "pods",
+        "CREATE",
+        pod.clone(),
+        Value::Null,
+    )
 }
 
 #[test]
@@ -159,7 +173,11 @@ fn a_bare_pod_named_by_a_binding_gets_the_proxy_and_env() {
     let ctx = context(|w| {
         put::<CloudSqlBinding>(
             &mut w.bindings,
-            binding("solo", 0, json!({"workloads": [{"kind": "Pod", "name": "solo"}]})),
+            binding(
+                "solo",
+                0,
+                json!({"workloads": [{"kind": "Pod", "name": "solo"}]}),
+            ),
         );
     });
     let original = pod("solo", json!({}), None);
@@ -168,12 +186,39 @@ fn a_bare_pod_named_by_a_binding_gets_the_proxy_and_env() {
     let after = patched(&original, &response);
     let proxy = proxy_of(&after).expect("a native sidecar proxy");
     assert_eq!(proxy["restartPolicy"], "Always");
-    assert_eq!(env_of(&after, "app", "DB_POOL_MAX_CONNS").as_deref(), Some("5"));
+    assert_eq!(
+        env_of(&after, "app", "DB_POOL_MAX_CONNS").as_deref(),
+        Some("5")
+    );
     assert_eq!(env_of(&after, "app", "MINE").as_deref(), Some("1"));
-    assert_eq!(after["metadata"]["annotations"][ADMITTED_ANNOTATION], "solo");
+    assert_eq!(
+        after["metadata"]["annotations"][ADMITTED_ANNOTATION],
+        "solo"
+    );
     // The pod as injected passes again unchanged.
     let again = answer(Route::MutatePods, &pod_review(&after), &ctx);
     assert!(again.get("patch").is_none(), "idempotent: {again}");
+}
+
+#[test]
+fn a_pod_from_a_template_injected_by_the_controller_passes_unchanged() {
+    let ctx = context(|w| {
+        put::<CloudSqlBinding>(
+            &mut w.bindings,
+            binding("solo", 0, json!({"workloads": [{"kind": "Pod", "name": "solo"}]})),
+        );
+    });
+    let original = pod("solo", json!({}), None);
+    let mut injected = patched(
+        &original,
+        &answer(Route::MutatePods, &pod_review(&original), &ctx),
+    );
+    // What the API server defaults in the containers we added.
+    injected["spec"]["initContainers"][0]["imagePullPolicy"] = json!("IfNotPresent");
+    injected["spec"]["initContainers"][0]["terminationMessagePath"] =
+        json!("/dev/termination-log");
+    let response = answer(Route::MutatePods, &pod_review(&injected), &ctx);
+    assert!(response.get("patch").is_none(), "{response}");
 }
 
 #[test]
@@ -181,7 +226,11 @@ fn a_jobs_pod_is_injected_through_its_owner_and_an_opted_out_pod_is_not() {
     let ctx = context(|w| {
         put::<CloudSqlBinding>(
             &mut w.bindings,
-            binding("batch", 0, json!({"workloads": [{"kind": "Job", "name": "nightly"}]})),
+            binding(
+                "batch",
+                0,
+                json!({"workloads": [{"kind": "Job", "name": "nightly"}]}),
+            ),
         );
         put(
             &mut w.jobs,
@@ -191,8 +240,15 @@ fn a_jobs_pod_is_injected_through_its_owner_and_an_opted_out_pod_is_not() {
                        "containers": [{"name": "app", "image": "x"}]}}}}),
         );
     });
-    let of_job = pod("nightly-abcde", json!({}), Some(("batch/v1", "Job", "nightly")));
-    let after = patched(&of_job, &answer(Route::MutatePods, &pod_review(&of_job), &ctx));
+    let of_job = pod(
+        "nightly-abcde",
+        json!({}),
+        Some(("batch/v1", "Job", "nightly")),
+    );
+    let after = patched(
+        &of_job,
+        &answer(Route::MutatePods, &pod_review(&of_job), &ctx),
+    );
     assert!(proxy_of(&after).is_some());
     assert_eq!(env_of(&after, "app", "DB_NAME").as_deref(), Some("orders"));
 
@@ -234,7 +290,11 @@ fn a_pod_of_a_deployment_bound_at_admission_is_injected_via_its_replica_set() {
                    "spec": {"selector": {"matchLabels": {"app": "api"}}}}),
         );
     });
-    let p = pod("", json!({"app": "api"}), Some(("apps/v1", "ReplicaSet", "api-7d9")));
+    let p = pod(
+        "",
+        json!({"app": "api"}),
+        Some(("apps/v1", "ReplicaSet", "api-7d9")),
+    );
     let after = patched(&p, &answer(Route::MutatePods, &pod_review(&p), &ctx));
     assert!(proxy_of(&after).is_some());
     assert_eq!(after["metadata"]["annotations"][ADMITTED_ANNOTATION], "api");
@@ -245,7 +305,11 @@ fn pods_in_kube_system_and_unbound_pods_pass_untouched() {
     let ctx = context(|w| {
         put::<CloudSqlBinding>(
             &mut w.bindings,
-            binding("solo", 0, json!({"workloads": [{"kind": "Pod", "name": "solo"}]})),
+            binding(
+                "solo",
+                0,
+                json!({"workloads": [{"kind": "Pod", "name": "solo"}]}),
+            ),
         );
     });
     let other = pod("other", json!({}), None);
@@ -266,7 +330,11 @@ fn a_second_binding_setting_the_same_env_differently_is_denied_naming_the_first(
     let ctx = context(|w| {
         put::<CloudSqlBinding>(
             &mut w.bindings,
-            binding("first", 0, json!({"workloads": [{"kind": "Deployment", "name": "api"}]})),
+            binding(
+                "first",
+                0,
+                json!({"workloads": [{"kind": "Deployment", "name": "api"}]}),
+            ),
         );
         put(
             &mut w.deployments,
@@ -325,20 +393,30 @@ fn a_binding_from_a_namespace_the_instance_does_not_allow_is_denied() {
     let ctx = context(|w| {
         put::<CloudSqlInstance>(
             &mut w.instances,
-            instance(100, Some(json!({"selector": {"matchLabels": {"team": "billing"}}}))),
+            instance(
+                100,
+                Some(json!({"selector": {"matchLabels": {"team": "billing"}}})),
+            ),
         );
     });
     let body = review_of(
         ("cloudsql.dev", "v1alpha1", "CloudSqlBinding"),
         "cloudsqlbindings",
         "CREATE",
-        binding("api", 0, json!({"workloads": [{"kind": "Deployment", "name": "api"}]})),
+        binding(
+            "api",
+            0,
+            json!({"workloads": [{"kind": "Deployment", "name": "api"}]}),
+        ),
         Value::Null,
     );
     let response = answer(Route::ValidateBindings, &body, &ctx);
     assert_eq!(response["allowed"], false);
     let message = response["status"]["message"].as_str().unwrap();
-    assert!(message.contains("\"orders\"") && message.contains("\"shop\""), "{message}");
+    assert!(
+        message.contains("\"orders\"") && message.contains("\"shop\""),
+        "{message}"
+    );
 }
 
 #[test]
@@ -352,7 +430,11 @@ fn raising_an_hpa_past_the_capacity_warns_with_the_numbers_and_is_admitted() {
     let ctx = context(|w| {
         put::<CloudSqlBinding>(
             &mut w.bindings,
-            binding("api", 0, json!({"workloads": [{"kind": "Deployment", "name": "api"}]})),
+            binding(
+                "api",
+                0,
+                json!({"workloads": [{"kind": "Deployment", "name": "api"}]}),
+            ),
         );
         put(
             &mut w.deployments,
@@ -389,7 +471,11 @@ fn raising_an_hpa_past_the_capacity_warns_with_the_numbers_and_is_admitted() {
         hpa(10),
         hpa(4),
     );
-    assert!(answer(Route::ValidateScale, &body, &ctx).get("warnings").is_none());
+    assert!(
+        answer(Route::ValidateScale, &body, &ctx)
+            .get("warnings")
+            .is_none()
+    );
 }
 
 #[test]
@@ -419,7 +505,11 @@ fn kubectl_scale_of_a_bound_statefulset_past_the_capacity_warns() {
     let ctx = context(|w| {
         put::<CloudSqlBinding>(
             &mut w.bindings,
-            binding("db", 0, json!({"workloads": [{"kind": "StatefulSet", "name": "db"}]})),
+            binding(
+                "db",
+                0,
+                json!({"workloads": [{"kind": "StatefulSet", "name": "db"}]}),
+            ),
         );
         put(
             &mut w.stateful_sets,
@@ -443,9 +533,14 @@ fn kubectl_scale_of_a_bound_statefulset_past_the_capacity_warns() {
         scale(3),
     ))
     .unwrap();
-    body["request"]["resource"] = json!({"group": "apps", "version": "v1", "resource": "statefulsets"});
+    body["request"]["resource"] =
+        json!({"group": "apps", "version": "v1", "resource": "statefulsets"});
     body["request"]["subResource"] = json!("scale");
-    let response = answer(Route::ValidateScale, &serde_json::to_vec(&body).unwrap(), &ctx);
+    let response = answer(
+        Route::ValidateScale,
+        &serde_json::to_vec(&body).unwrap(),
+        &ctx,
+    );
     assert_eq!(response["allowed"], true);
     let warning = response["warnings"][0].as_str().unwrap_or_default();
     assert!(
@@ -459,7 +554,11 @@ fn a_bound_pod_created_without_the_webhook_is_a_miss_and_only_then() {
     let ctx = context(|w| {
         put::<CloudSqlBinding>(
             &mut w.bindings,
-            binding("batch", 0, json!({"workloads": [{"kind": "Job", "name": "nightly"}]})),
+            binding(
+                "batch",
+                0,
+                json!({"workloads": [{"kind": "Job", "name": "nightly"}]}),
+            ),
         );
         let meta = |name: &str, age: i64, labels: Value, annotations: Value| {
             json!({"apiVersion": "v1", "kind": "Pod",
@@ -471,7 +570,12 @@ fn a_bound_pod_created_without_the_webhook_is_a_miss_and_only_then() {
         put(&mut w.pods, meta("missed", 10, json!({}), json!({})));
         put(
             &mut w.pods,
-            meta("admitted", 10, json!({}), json!({ADMITTED_ANNOTATION: "other,batch"})),
+            meta(
+                "admitted",
+                10,
+                json!({}),
+                json!({ADMITTED_ANNOTATION: "other,batch"}),
+            ),
         );
         put(&mut w.pods, meta("older", -10, json!({}), json!({})));
         put(
@@ -500,8 +604,15 @@ fn any_json() -> impl Strategy<Value = Value> {
         any::<i64>().prop_map(|n| json!(n)),
         any::<f64>().prop_map(|f| json!(f)),
         "[a-zA-Z0-9_./:-]{0,12}".prop_map(Value::String),
-        prop_oneof![Just("Pod"), Just("CREATE"), Just("app"), Just("solo"), Just("cloudsql.dev/inject"), Just("false")]
-            .prop_map(|s| Value::String(s.to_owned())),
+        prop_oneof![
+            Just("Pod"),
+            Just("CREATE"),
+            Just("app"),
+            Just("solo"),
+            Just("cloudsql.dev/inject"),
+            Just("false")
+        ]
+        .prop_map(|s| Value::String(s.to_owned())),
     ];
     leaf.prop_recursive(4, 48, 6, |inner| {
         prop_oneof![
@@ -580,7 +691,11 @@ fn busy_context() -> AdmissionContext {
     context(|w| {
         put::<CloudSqlBinding>(
             &mut w.bindings,
-            binding("solo", 0, json!({"workloads": [{"kind": "Pod", "name": "solo"}]})),
+            binding(
+                "solo",
+                0,
+                json!({"workloads": [{"kind": "Pod", "name": "solo"}]}),
+            ),
         );
         put::<CloudSqlBinding>(
             &mut w.bindings,
@@ -593,8 +708,12 @@ fn busy_context() -> AdmissionContext {
         );
         put::<CloudSqlBinding>(
             &mut w.bindings,
-            binding("batch", 2, json!({"workloads": [{"kind": "Job", "name": "nightly"}],
-                                         "containers": ["app"]})),
+            binding(
+                "batch",
+                2,
+                json!({"workloads": [{"kind": "Job", "name": "nightly"}],
+                                         "containers": ["app"]}),
+            ),
         );
         put(
             &mut w.jobs,

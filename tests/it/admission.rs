@@ -185,7 +185,10 @@ async fn bare_pods_and_the_pods_of_a_job_are_injected_at_creation_and_opted_out_
     // A bare Pod.
     let pods = ns.api::<Pod>();
     let created = pods
-        .create(&PostParams::default(), &pod("bare", json!({"db": "orders"})))
+        .create(
+            &PostParams::default(),
+            &pod("bare", json!({"db": "orders"})),
+        )
         .await
         .expect("creating a bare pod");
     assert!(injected(&created), "the bare pod carries the proxy and env");
@@ -237,7 +240,10 @@ async fn bare_pods_and_the_pods_of_a_job_are_injected_at_creation_and_opted_out_
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let job_pod = job_pod.expect("a pod");
-    assert!(injected(&job_pod), "the Job's pod carries the proxy and env");
+    assert!(
+        injected(&job_pod),
+        "the Job's pod carries the proxy and env"
+    );
     // What a Job needs to complete with a sidecar: the proxy is a native
     // sidecar (an init container that restarts Always, which Kubernetes stops
     // once the app containers are done), and the only regular container is
@@ -327,7 +333,10 @@ async fn with_the_webhook_down_pods_are_still_created_and_the_miss_is_reported_a
     let condition = wait_for_reason(&ns, "pods", "Ready", "InjectionMissed").await;
     let message = condition["message"].as_str().unwrap_or_default();
     assert!(message.contains("while-down"), "{message}");
-    assert!(message.contains("admission webhook was not called"), "{message}");
+    assert!(
+        message.contains("admission webhook was not called"),
+        "{message}"
+    );
     let events = ns.api::<Event>();
     eventually(
         Duration::from_secs(30),
@@ -585,11 +594,13 @@ async fn any_pod_review_gets_an_answer_whose_patch_applies_or_a_clean_error() {
     };
     let namespace = ns.name.clone();
     let review_of = move |object: Value| -> Vec<u8> {
-        serde_json::to_vec(&json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        serde_json::to_vec(
+            &json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
             "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"},
                         "resource": {"group": "", "version": "v1", "resource": "pods"},
                         "name": "", "namespace": namespace, "operation": "CREATE",
-                        "userInfo": {}, "object": object}}))
+                        "userInfo": {}, "object": object}}),
+        )
         .expect("json")
     };
     let container = (
@@ -700,6 +711,29 @@ async fn webhook_latency_over_1000_pod_creations() {
         assert!(injected(&created));
     }
     let after = webhook_histogram().await;
+    // The handler alone, in this process, on the same stores.
+    let ctx = cloudsql_binder::webhook::AdmissionContext {
+        stores: operator.stores(),
+        caps: cloudsql_binder::plan::TargetCapabilities {
+            native_sidecars: true,
+        },
+        options: operator.options.clone(),
+    };
+    let body = serde_json::to_vec(
+        &json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "resource": {"group": "", "version": "v1", "resource": "pods"},
+                    "name": "h", "namespace": ns.name, "operation": "CREATE", "userInfo": {},
+                    "object": pod("h", json!({"db": "orders"}))}}),
+    )
+    .expect("json");
+    let mut handler = Vec::with_capacity(1_000);
+    for _ in 0..1_000 {
+        let start = Instant::now();
+        cloudsql_binder::webhook::review(cloudsql_binder::webhook::Route::MutatePods, &body, &ctx)
+            .expect("an answer");
+        handler.push(start.elapsed());
+    }
     // The same creations outside the webhook (opted out), for the baseline.
     let mut without = Vec::with_capacity(200);
     for i in 0..200 {
@@ -717,6 +751,12 @@ async fn webhook_latency_over_1000_pod_creations() {
         v.sort();
         v[((v.len() as f64 - 1.0) * q).round() as usize]
     };
+    println!(
+        "handler (review(), {} pods in the namespace): p50 {:?} p99 {:?}",
+        1_001,
+        pct(&mut handler, 0.50),
+        pct(&mut handler, 0.99),
+    );
     println!(
         "client: pod create with webhook p50 {:?} p99 {:?}; without p50 {:?} p99 {:?}",
         pct(&mut with_webhook, 0.50),
@@ -766,7 +806,13 @@ async fn webhook_histogram() -> Vec<(f64, f64)> {
             .split("le=\"")
             .nth(1)
             .and_then(|s| s.split('"').next())
-            .map(|s| if s == "+Inf" { f64::INFINITY } else { s.parse().unwrap_or(0.0) });
+            .map(|s| {
+                if s == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    s.parse().unwrap_or(0.0)
+                }
+            });
         let count: f64 = line
             .rsplit(' ')
             .next()
