@@ -236,8 +236,10 @@ enum StepAction {
         converge: bool,
         budget: bool,
         limit: bool,
+        /// Bare Pods created first: the footprint is measured in this step.
+        pods: usize,
     },
-    GoogleSize(usize),
+    GoogleSize(usize, usize),
     Selector(Subject, usize),
     Footprint(Subject),
     AdmissionBinder,
@@ -247,8 +249,19 @@ enum StepAction {
 fn plan(args: &Args) -> Vec<Step> {
     let has = |s: Scenario| args.scenarios.contains(&s);
     let google = has(Scenario::Google);
+    // The footprint is taken in the convergence step of its size when there
+    // is one (its Pods are created first): one 1,000-binding convergence
+    // per operator and run instead of two.
+    let footprint_in_size = has(Scenario::Footprint)
+        && has(Scenario::Converge)
+        && args.sizes.contains(&args.footprint_size);
     let mut steps = Vec::new();
     for &n in &args.sizes {
+        let pods = if footprint_in_size && n == args.footprint_size {
+            args.footprint_pods
+        } else {
+            0
+        };
         let (converge, budget, limit) = (
             has(Scenario::Converge),
             has(Scenario::Budget),
@@ -262,13 +275,14 @@ fn plan(args: &Args) -> Vec<Step> {
                     converge: converge || budget,
                     budget,
                     limit,
+                    pods,
                 },
             });
         }
         if google && converge {
             steps.push(Step {
                 name: format!("google n={n}"),
-                action: StepAction::GoogleSize(n),
+                action: StepAction::GoogleSize(n, pods),
             });
         }
     }
@@ -285,7 +299,7 @@ fn plan(args: &Args) -> Vec<Step> {
             });
         }
     }
-    if has(Scenario::Footprint) {
+    if has(Scenario::Footprint) && !footprint_in_size {
         for &s in &subjects {
             steps.push(Step {
                 name: format!("footprint {s:?}"),
@@ -315,8 +329,9 @@ async fn run_step(ctx: &Ctx, args: &Args, step: &Step) -> anyhow::Result<Record>
             converge,
             budget,
             limit,
-        } => scenarios::binder_size(ctx, n, converge, budget, limit).await,
-        StepAction::GoogleSize(n) => scenarios::google_size(ctx, n).await,
+            pods,
+        } => scenarios::binder_size(ctx, n, converge, budget, limit, pods).await,
+        StepAction::GoogleSize(n, pods) => scenarios::google_size(ctx, n, pods).await,
         StepAction::Selector(s, n) => scenarios::selector(ctx, s, n).await,
         StepAction::Footprint(s) => {
             scenarios::footprint(ctx, s, args.footprint_size, args.footprint_pods).await

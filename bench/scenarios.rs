@@ -360,6 +360,85 @@ fn record_converged(record: &mut Record, prefix: &str, c: &Converged) {
     record.fig(format!("{prefix}.apply_burst_s"), c.apply_burst);
 }
 
+/// Creates `pods` bare, unbound Pods in the bench namespace.
+async fn filler_pods(ctx: &Ctx, cluster: &Cluster, pods: usize) -> anyhow::Result<()> {
+    if pods == 0 {
+        return Ok(());
+    }
+    let filler = (0..pods)
+        .map(|i| objects::pod(&format!("filler-{i:05}"), &format!("filler-{i:05}")))
+        .collect();
+    let (burst, _) = objects::create_all(
+        &cluster.client,
+        &objects::pods(),
+        Some(NS),
+        filler,
+        ctx.create_concurrency,
+    )
+    .await?;
+    eprintln!("bench: created {pods} Pods in {:.1}s", burst.seconds());
+    Ok(())
+}
+
+/// The footprint figures of a converged, quiet operator: an idle window
+/// (its CPU and writes), then memory and CPU over the process's life so far.
+async fn idle_window(
+    ctx: &Ctx,
+    record: &mut Record,
+    prefix: &str,
+    proc: &Proc,
+    metrics: &str,
+    google: bool,
+) -> anyhow::Result<()> {
+    let before = proc.usage()?;
+    let writes_before = writes_of(metrics, google).await;
+    tokio::time::sleep(ctx.idle).await;
+    let after = proc.usage()?;
+    record.fig(format!("{prefix}.idle_cpu_s"), after.cpu_s - before.cpu_s);
+    record.fig(
+        format!("{prefix}.idle_api_writes"),
+        writes_of(metrics, google).await - writes_before,
+    );
+    record.fig(format!("{prefix}.rss_idle_mib"), after.rss_mib);
+    record.usage(prefix, after);
+    Ok(())
+}
+
+/// The footprint figures taken in a convergence step that had `pods` Pods present.
+#[allow(clippy::too_many_arguments)]
+async fn footprint_in_step(
+    ctx: &Ctx,
+    record: &mut Record,
+    subject: Subject,
+    proc: &Proc,
+    metrics: &str,
+    startup: Duration,
+    rss_at_ready: f64,
+    converged_prefix: &str,
+) -> anyhow::Result<()> {
+    let prefix = format!("footprint.{}", subject.key());
+    record.fig(format!("{prefix}.startup_s"), startup.as_secs_f64());
+    record.fig(format!("{prefix}.rss_at_ready_mib"), rss_at_ready);
+    for what in ["from_first_apply_s", "api_writes"] {
+        if let Some(v) = record
+            .figures
+            .get(&format!("{converged_prefix}.{what}"))
+            .copied()
+        {
+            record.fig(format!("{prefix}.{what}"), v);
+        }
+    }
+    idle_window(
+        ctx,
+        record,
+        &prefix,
+        proc,
+        metrics,
+        subject == Subject::Google,
+    )
+    .await
+}
+
 /// Max pods of one bench Deployment, as the operator counts them.
 fn max_pods(shape: DeploymentShape) -> anyhow::Result<u32> {
     let d: Deployment = serde_json::from_value(objects::deployment("x", "x", shape))?;
@@ -384,6 +463,7 @@ pub async fn binder_size(
     converge: bool,
     budget: bool,
     limit: bool,
+    pods: usize,
 ) -> anyhow::Result<Record> {
     let mut record = Record::default();
     let cluster = ctx.binder_cluster().await?;
@@ -399,10 +479,12 @@ pub async fn binder_size(
             1,
         )
         .await?;
+        filler_pods(ctx, &cluster, pods).await?;
         ctx.deployments(&cluster, NS, "size", n).await?;
         let binder = ctx
             .start_binder(&cluster, &format!("binder-{key}"), &[])
             .await?;
+        let rss_at_ready = binder.proc.usage()?.rss_mib;
         let prefix = format!("converge.{key}.binder");
         record.fig(format!("{prefix}.startup_s"), binder.startup.as_secs_f64());
         tokio::time::sleep(SETTLE).await;
@@ -469,6 +551,19 @@ pub async fn binder_size(
                     "bench: cloudsql-binder, {n} bindings: converged {:.2}s after the last apply ({:.2}s from the first)",
                     c.after_last_apply, c.from_first_apply
                 );
+                if pods > 0 {
+                    footprint_in_step(
+                        ctx,
+                        &mut record,
+                        Subject::Binder,
+                        &binder.proc,
+                        &binder.metrics,
+                        binder.startup,
+                        rss_at_ready,
+                        &prefix,
+                    )
+                    .await?;
+                }
                 true
             }
             Err(progress) => {
@@ -728,15 +823,17 @@ async fn limit_floor(
 }
 
 /// Google's operator on `n` Deployments, one AuthProxyWorkload each by name.
-pub async fn google_size(ctx: &Ctx, n: usize) -> anyhow::Result<Record> {
+pub async fn google_size(ctx: &Ctx, n: usize, pods: usize) -> anyhow::Result<Record> {
     let mut record = Record::default();
     let build = ctx.google_build()?;
     let cluster = ctx.google_cluster().await?;
     let key = format!("n{n}");
     let prefix = format!("converge.{key}.google");
+    filler_pods(ctx, &cluster, pods).await?;
     ctx.deployments(&cluster, NS, "size", n).await?;
     let log = ctx.log(&format!("google-{key}"));
     let op = google::start(&cluster, build, &log, ctx.timeout).await?;
+    let rss_at_ready = op.proc.usage()?.rss_mib;
     record.fig(format!("{prefix}.startup_s"), op.startup.as_secs_f64());
     tokio::time::sleep(SETTLE).await;
     let names: BTreeSet<String> = (0..n).map(workload_name).collect();
@@ -803,6 +900,19 @@ pub async fn google_size(ctx: &Ctx, n: usize) -> anyhow::Result<Record> {
                 "bench: Google's operator, {n} AuthProxyWorkloads: done {:.2}s after the last apply ({:.2}s from the first)",
                 c.after_last_apply, c.from_first_apply
             );
+            if pods > 0 {
+                footprint_in_step(
+                    ctx,
+                    &mut record,
+                    Subject::Google,
+                    &op.proc,
+                    &op.metrics_url,
+                    op.startup,
+                    rss_at_ready,
+                    &prefix,
+                )
+                .await?;
+            }
         }
         Err(progress) => record.note(format!(
             "converge {key}: Google's operator did not finish within {:?} (deployments annotated: {progress}; AuthProxyWorkloads up to date: {}/{}); log: {}",
@@ -857,6 +967,18 @@ impl Running {
         match self {
             Running::Binder(b) => binder_writes(&b.metrics).await,
             Running::Google(g) => google_writes(&g.metrics_url).await.0,
+        }
+    }
+    fn proc_ref(&self) -> &Proc {
+        match self {
+            Running::Binder(b) => &b.proc,
+            Running::Google(g) => &g.proc,
+        }
+    }
+    fn metrics_url(&self) -> (String, bool) {
+        match self {
+            Running::Binder(b) => (b.metrics.clone(), false),
+            Running::Google(g) => (g.metrics_url.clone(), true),
         }
     }
     async fn quiesce(&self) -> Quiet {
@@ -1018,18 +1140,7 @@ pub async fn footprint(
     let mut record = Record::default();
     let cluster = subject_cluster(ctx, subject, max_pods(ctx.shape)? * n as u32).await?;
     let prefix = format!("footprint.{}", subject.key());
-    let filler = (0..pods)
-        .map(|i| objects::pod(&format!("filler-{i:05}"), &format!("filler-{i:05}")))
-        .collect();
-    let (burst, _) = objects::create_all(
-        &cluster.client,
-        &objects::pods(),
-        Some(NS),
-        filler,
-        ctx.create_concurrency,
-    )
-    .await?;
-    eprintln!("bench: created {pods} Pods in {:.1}s", burst.seconds());
+    filler_pods(ctx, &cluster, pods).await?;
     ctx.deployments(&cluster, NS, "footprint", n).await?;
     let mut op = start(
         ctx,
@@ -1111,19 +1222,8 @@ pub async fn footprint(
                 &quiet,
                 burst.first_sent,
             );
-            let at_convergence = op.proc().usage()?;
-            let idle_writes_before = op.writes().await;
-            tokio::time::sleep(ctx.idle).await;
-            let after_idle = op.proc().usage()?;
-            record.fig(
-                format!("{prefix}.idle_cpu_s"),
-                after_idle.cpu_s - at_convergence.cpu_s,
-            );
-            record.fig(
-                format!("{prefix}.idle_api_writes"),
-                op.writes().await - idle_writes_before,
-            );
-            record.fig(format!("{prefix}.rss_idle_mib"), after_idle.rss_mib);
+            let (metrics, google) = op.metrics_url();
+            idle_window(ctx, &mut record, &prefix, op.proc_ref(), &metrics, google).await?;
             record.detail(format!("{prefix}.operator_metrics"), op.metrics().await);
         }
         Err(progress) => record.note(format!(
@@ -1134,8 +1234,7 @@ pub async fn footprint(
             outcomes[1].total
         )),
     }
-    let usage = op.stop().await;
-    record.usage(&prefix, usage);
+    op.stop().await;
     cluster.down();
     Ok(record)
 }

@@ -21,6 +21,16 @@
 //! and signs the new serving certificate: the API server has trusted that CA
 //! for a whole period already, so whichever certificate a replica serves
 //! while the Secret propagates, the API server accepts it.
+//!
+//! What it needs from RBAC beyond the controllers: `get`, `list`, `watch`,
+//! `create`, `update` on Secrets in its own namespace (the certificate);
+//! `get`, `create`, `patch` on `mutatingwebhookconfigurations` and
+//! `validatingwebhookconfigurations` (cluster-wide); for the missed-injection
+//! report, `get` and `patch` on Pods (an annotation), `create` on Pods (a
+//! dry-run probe of the webhook) and `patch` on Deployments, StatefulSets
+//! and DaemonSets (the roll). The configurations are the operator's own
+//! (field manager `cloudsql-binder`); uninstalling must delete them, or the
+//! API server keeps calling a webhook that is gone.
 
 mod bindings;
 mod certificates;

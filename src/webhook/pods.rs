@@ -121,8 +121,12 @@ pub(crate) fn mutate(request: &AdmissionRequest<Pod>, ctx: &AdmissionContext) ->
     // this injection (same plans, same record of what is ours), with the
     // API server's defaults in our containers: it passes unchanged.
     let ours = |a: Option<&std::collections::BTreeMap<String, String>>| {
-        [CONFIG_HASH_ANNOTATION, INJECTED_ANNOTATION, ADMITTED_ANNOTATION]
-            .map(|key| a.and_then(|a| a.get(key)).cloned())
+        [
+            CONFIG_HASH_ANNOTATION,
+            INJECTED_ANNOTATION,
+            ADMITTED_ANNOTATION,
+        ]
+        .map(|key| a.and_then(|a| a.get(key)).cloned())
     };
     if !desire.injection.is_empty()
         && ours(annotations.as_ref()) == ours(pod.metadata.annotations.as_ref())

@@ -205,7 +205,11 @@ fn a_pod_from_a_template_injected_by_the_controller_passes_unchanged() {
     let ctx = context(|w| {
         put::<CloudSqlBinding>(
             &mut w.bindings,
-            binding("solo", 0, json!({"workloads": [{"kind": "Pod", "name": "solo"}]})),
+            binding(
+                "solo",
+                0,
+                json!({"workloads": [{"kind": "Pod", "name": "solo"}]}),
+            ),
         );
     });
     let original = pod("solo", json!({}), None);
@@ -215,8 +219,7 @@ fn a_pod_from_a_template_injected_by_the_controller_passes_unchanged() {
     );
     // What the API server defaults in the containers we added.
     injected["spec"]["initContainers"][0]["imagePullPolicy"] = json!("IfNotPresent");
-    injected["spec"]["initContainers"][0]["terminationMessagePath"] =
-        json!("/dev/termination-log");
+    injected["spec"]["initContainers"][0]["terminationMessagePath"] = json!("/dev/termination-log");
     let response = answer(Route::MutatePods, &pod_review(&injected), &ctx);
     assert!(response.get("patch").is_none(), "{response}");
 }
