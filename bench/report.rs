@@ -140,16 +140,18 @@ pub fn markdown(result: &Value, out: &Path, repo: &Path) -> String {
         md.push('\n');
     }
 
-    md.push_str("\n#### Resources while converging\n\n| N | cloudsql-binder peak RSS (MiB) | CPU (s) | API writes | Google peak RSS (MiB) | CPU (s) | API writes |\n|---|---|---|---|---|---|---|\n");
+    md.push_str("\n#### Resources to converge (peak RSS and CPU since process start; writes since the first apply)\n\n| N | cloudsql-binder peak RSS (MiB) | CPU (s) | API writes | Google peak RSS (MiB) | CPU (s) | API writes | API writes until quiet: cloudsql-binder / Google |\n|---|---|---|---|---|---|---|---|\n");
     for n in sizes(result) {
         md.push_str(&format!(
-            "| {n} | {} | {} | {} | {} | {} | {} |\n",
+            "| {n} | {} | {} | {} | {} | {} | {} | {} / {} |\n",
             s.fmt(&format!("converge.n{n}.binder.peak_rss_mib"), 1),
             s.fmt(&format!("converge.n{n}.binder.cpu_s"), 2),
             s.fmt(&format!("converge.n{n}.binder.api_writes"), 0),
             s.fmt(&format!("converge.n{n}.google.peak_rss_mib"), 1),
             s.fmt(&format!("converge.n{n}.google.cpu_s"), 2),
             s.fmt(&format!("converge.n{n}.google.api_writes"), 0),
+            s.fmt(&format!("converge.n{n}.binder.api_writes_until_quiet"), 0),
+            s.fmt(&format!("converge.n{n}.google.api_writes_until_quiet"), 0),
         ));
     }
 
@@ -180,6 +182,12 @@ pub fn markdown(result: &Value, out: &Path, repo: &Path) -> String {
             true,
         ),
         ("API writes to converge", "api_writes", 0, false),
+        (
+            "API writes until quiet (2 s without one, at most 15 s)",
+            "api_writes_until_quiet",
+            0,
+            false,
+        ),
         ("idle: CPU (s)", "idle_cpu_s", 3, false),
         ("idle: API writes", "idle_api_writes", 0, false),
     ] {

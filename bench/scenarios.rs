@@ -277,10 +277,15 @@ struct Quiet {
     writes: f64,
     /// When the counter last moved (± one poll).
     last_write: Instant,
+    /// False when it was still writing after [`QUIET_CAP`].
+    reached: bool,
 }
 
 /// How long without a new write counts as done.
 const QUIET: Duration = Duration::from_secs(2);
+
+/// How long after convergence the bench waits for an operator to stop writing.
+const QUIET_CAP: Duration = Duration::from_secs(15);
 
 async fn writes_of(url: &str, google: bool) -> f64 {
     if google {
@@ -291,11 +296,11 @@ async fn writes_of(url: &str, google: bool) -> f64 {
 }
 
 /// Polls the operator's write counter until it has not moved for [`QUIET`]
-/// (at most 60 s): the writes that trail convergence count too.
+/// (at most [`QUIET_CAP`]): the writes that trail convergence.
 async fn quiesce(url: &str, google: bool) -> Quiet {
     let mut writes = writes_of(url, google).await;
     let mut last_write = Instant::now();
-    let limit = Instant::now() + Duration::from_secs(60);
+    let limit = Instant::now() + QUIET_CAP;
     while last_write.elapsed() < QUIET && Instant::now() < limit {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let now = writes_of(url, google).await;
@@ -304,10 +309,16 @@ async fn quiesce(url: &str, google: bool) -> Quiet {
             last_write = Instant::now();
         }
     }
-    Quiet { writes, last_write }
+    Quiet {
+        writes,
+        last_write,
+        reached: last_write.elapsed() >= QUIET,
+    }
 }
 
-/// Records writes at convergence and until quiet, and when the last write came.
+/// Records the writes until convergence (`api_writes`), the writes until the
+/// operator went quiet (or [`QUIET_CAP`] ran out), whether it did, and when
+/// its last write came.
 fn record_writes(
     record: &mut Record,
     prefix: &str,
@@ -316,18 +327,30 @@ fn record_writes(
     quiet: &Quiet,
     first_apply: Instant,
 ) {
+    record.fig(format!("{prefix}.api_writes"), at_convergence - before);
     record.fig(
-        format!("{prefix}.api_writes_at_convergence"),
-        at_convergence - before,
+        format!("{prefix}.api_writes_until_quiet"),
+        quiet.writes - before,
     );
-    record.fig(format!("{prefix}.api_writes"), quiet.writes - before);
     record.fig(
-        format!("{prefix}.last_write_after_first_apply_s"),
-        quiet
-            .last_write
-            .saturating_duration_since(first_apply)
-            .as_secs_f64(),
+        format!("{prefix}.quiet"),
+        f64::from(u8::from(quiet.reached)),
     );
+    if !quiet.reached {
+        record.note(format!(
+            "{prefix}: the operator was still writing {} s after its end state was reached (see api_writes_until_quiet and, in the footprint, idle_api_writes)",
+            QUIET_CAP.as_secs()
+        ));
+    }
+    if quiet.reached {
+        record.fig(
+            format!("{prefix}.last_write_after_first_apply_s"),
+            quiet
+                .last_write
+                .saturating_duration_since(first_apply)
+                .as_secs_f64(),
+        );
+    }
 }
 
 /// Times from a burst of applies to the moment every watch was done.
@@ -419,7 +442,7 @@ async fn footprint_in_step(
     let prefix = format!("footprint.{}", subject.key());
     record.fig(format!("{prefix}.startup_s"), startup.as_secs_f64());
     record.fig(format!("{prefix}.rss_at_ready_mib"), rss_at_ready);
-    for what in ["from_first_apply_s", "api_writes"] {
+    for what in ["from_first_apply_s", "api_writes", "api_writes_until_quiet"] {
         if let Some(v) = record
             .figures
             .get(&format!("{converged_prefix}.{what}"))

@@ -88,8 +88,11 @@ fn rule(operations: &[&str], group: &str, version: &str, resources: &[&str]) -> 
 fn metadata(options: &WebhookOptions) -> ObjectMeta {
     ObjectMeta {
         name: Some(options.configuration_name.clone()),
+        // Not `app.kubernetes.io/managed-by`: Helm owns that label on the
+        // chart's copies of these configurations, and taking it would make
+        // `helm upgrade` conflict and `helm uninstall` leave them behind.
         labels: Some(BTreeMap::from([(
-            "app.kubernetes.io/managed-by".to_owned(),
+            "cloudsql.dev/managed-by".to_owned(),
             "cloudsql-binder".to_owned(),
         )])),
         ..ObjectMeta::default()
@@ -166,7 +169,10 @@ pub fn validating_configuration(
             webhook(
                 "bindings.cloudsql.dev",
                 VALIDATE_BINDINGS_PATH,
-                "Fail",
+                // Ignore: the operator must never block a cluster. A binding
+                // admitted while the webhook is down is still checked by the
+                // controller, which reports `Conflict` / `NamespaceNotAllowed`.
+                "Ignore",
                 vec![rule(
                     &["CREATE", "UPDATE"],
                     crate::api::GROUP,

@@ -673,6 +673,7 @@ fn any_pod() -> impl Strategy<Value = Value> {
         prop::option::of(any_json()),
     )
         .prop_map(|(containers, inits, name, owner, opt_out, annotations)| {
+            let (containers, inits) = unique_names(containers, inits);
             let mut p = pod(name, json!({"app": "api"}), owner);
             p["spec"]["containers"] = Value::Array(containers);
             p["spec"]["initContainers"] = Value::Array(inits);
@@ -688,6 +689,26 @@ fn any_pod() -> impl Strategy<Value = Value> {
             }
             p
         })
+}
+
+/// Container names are unique in a pod (the API server refuses others):
+/// repeated names get a suffix.
+fn unique_names(containers: Vec<Value>, inits: Vec<Value>) -> (Vec<Value>, Vec<Value>) {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut rename = |mut c: Value| {
+        let name = c["name"].as_str().unwrap_or_default().to_owned();
+        let mut unique = name.clone();
+        let mut n = 0;
+        while !seen.insert(unique.clone()) {
+            n += 1;
+            unique = format!("{name}-{n}");
+        }
+        c["name"] = json!(unique);
+        c
+    };
+    let containers = containers.into_iter().map(&mut rename).collect();
+    let inits = inits.into_iter().map(&mut rename).collect();
+    (containers, inits)
 }
 
 fn busy_context() -> AdmissionContext {

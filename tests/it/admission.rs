@@ -359,7 +359,7 @@ async fn with_the_webhook_down_pods_are_still_created_and_the_miss_is_reported_a
     // pod is injected.
     let deployments = ns.api::<Deployment>();
     eventually(
-        Duration::from_secs(60),
+        Duration::from_secs(90),
         "the Deployment rolled for the missed injection",
         || {
             let deployments = deployments.clone();
@@ -375,7 +375,7 @@ async fn with_the_webhook_down_pods_are_still_created_and_the_miss_is_reported_a
     )
     .await;
     eventually(
-        Duration::from_secs(60),
+        Duration::from_secs(90),
         "an injected pod of the Deployment",
         || {
             let pods = pods.clone();
@@ -632,6 +632,7 @@ async fn any_pod_review_gets_an_answer_whose_patch_applies_or_a_clean_error() {
         prop::option::of("[ -~]{0,40}"),
     )
         .prop_map(|(containers, inits, labels, junk)| {
+            let (containers, inits) = unique_names(containers, inits);
             let mut p = json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"generateName": "fuzz-", "labels": labels},
                 "spec": {"containers": containers, "initContainers": inits}});
@@ -646,6 +647,7 @@ async fn any_pod_review_gets_an_answer_whose_patch_applies_or_a_clean_error() {
     let outcome = tokio::task::spawn_blocking(move || {
         let mut runner = TestRunner::new(Config {
             cases: 300,
+            failure_persistence: None,
             ..Config::default()
         });
         runner.run(&pods, |object| {
@@ -676,6 +678,26 @@ async fn any_pod_review_gets_an_answer_whose_patch_applies_or_a_clean_error() {
         panic!("{failure}");
     }
     operator.stop().await;
+}
+
+/// Container names are unique in a pod (the API server refuses others):
+/// repeated names get a suffix.
+fn unique_names(containers: Vec<Value>, inits: Vec<Value>) -> (Vec<Value>, Vec<Value>) {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut rename = |mut c: Value| {
+        let name = c["name"].as_str().unwrap_or_default().to_owned();
+        let mut unique = name.clone();
+        let mut n = 0;
+        while !seen.insert(unique.clone()) {
+            n += 1;
+            unique = format!("{name}-{n}");
+        }
+        c["name"] = json!(unique);
+        c
+    };
+    let containers = containers.into_iter().map(&mut rename).collect();
+    let inits = inits.into_iter().map(&mut rename).collect();
+    (containers, inits)
 }
 
 /// Webhook latency over 1,000 Pod creations, from the client and from the

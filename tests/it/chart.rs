@@ -170,8 +170,8 @@ impl Drop for Release {
             return;
         }
         let _ = run_helm(&["uninstall", &self.name, "--namespace", &self.namespace]);
-        // Helm deletes only what still carries `managed-by: Helm`; the
-        // operator relabels the webhook configurations it applies.
+        // Defensive: a failed uninstall must not leave webhook
+        // configurations behind for other tests.
         let name = self.fullname();
         for kind in [
             "mutatingwebhookconfiguration",
