@@ -359,7 +359,7 @@ async fn with_the_webhook_down_pods_are_still_created_and_the_miss_is_reported_a
     // pod is injected.
     let deployments = ns.api::<Deployment>();
     eventually(
-        Duration::from_secs(90),
+        Duration::from_secs(180),
         "the Deployment rolled for the missed injection",
         || {
             let deployments = deployments.clone();
@@ -375,7 +375,7 @@ async fn with_the_webhook_down_pods_are_still_created_and_the_miss_is_reported_a
     )
     .await;
     eventually(
-        Duration::from_secs(90),
+        Duration::from_secs(180),
         "an injected pod of the Deployment",
         || {
             let pods = pods.clone();
