@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
+use futures::FutureExt;
 use serde_json::{Value, json};
 
 use objects::DeploymentShape;
@@ -447,11 +448,39 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         kubernetes: std::sync::Mutex::new(String::new()),
     };
 
-    let mut runs = Vec::new();
-    let mut per_run_figures: Vec<BTreeMap<String, f64>> = Vec::new();
-    let mut notes: Vec<String> = Vec::new();
-    let bench_started = Instant::now();
-    for run in 1..=args.runs {
+    let out = match &args.out {
+        Some(p) => p.clone(),
+        None => {
+            let stamp = started_at.strftime("%Y-%m-%dT%H-%M-%SZ").to_string();
+            repo.join("bench/results").join(format!("{stamp}.json"))
+        }
+    };
+    let meta = Meta {
+        started_at,
+        bench_started: Instant::now(),
+        versions: json!({
+            "cloudsql_binder": binder_version,
+            "cloudsql_binder_binary": binary.display().to_string(),
+            "google_operator": match &google {
+                Ok(b) => json!(format!("github.com/GoogleCloudPlatform/cloud-sql-proxy-operator {}", b.version)),
+                Err(why) => json!(format!("not run: {why}")),
+            },
+            "rustc": command_output("rustc", &["--version"]),
+            "go": command_output("go", &["version"]),
+        }),
+        admission_webhook: match &webhook {
+            Ok(()) => Value::Null,
+            Err(why) => json!(why),
+        },
+        out: out.clone(),
+    };
+
+    // SIGINT, SIGTERM or SIGHUP end the bench cleanly: the current step is
+    // dropped (its operator killed, its control plane stopped) and what was
+    // measured so far is written.
+    let interrupt = interrupted().shared();
+    let mut progress = Progress::default();
+    'runs: for run in 1..=args.runs {
         ctx.run = run;
         let run_started = Instant::now();
         let load_start = loadavg();
@@ -459,87 +488,163 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             "bench: run {run}/{} (load average {load_start:?})",
             args.runs
         );
-        let mut figures = BTreeMap::new();
-        let mut step_records = Vec::new();
+        progress.runs.push(json!({
+            "run": run,
+            "load_average_start": load_start,
+            "steps": [],
+        }));
+        progress.figures.push(BTreeMap::new());
         for step in &steps {
             let step_load_start = loadavg();
             let step_started = Instant::now();
             eprintln!("bench: run {run}: {}", step.name);
-            let record = match run_step(&ctx, &args, step).await {
-                Ok(r) => r,
-                Err(err) => {
+            let outcome = tokio::select! {
+                r = run_step(&ctx, &args, step) => Some(r),
+                signal = interrupt.clone() => {
+                    let note = format!("interrupted by {signal} during run {run}, step {}: the figures stop there", step.name);
+                    eprintln!("bench: {note}");
+                    progress.note(note);
+                    progress.interrupted = true;
+                    None
+                }
+            };
+            let record = match outcome {
+                Some(Ok(r)) => r,
+                Some(Err(err)) => {
                     let mut r = Record::default();
                     r.notes
                         .push(format!("{}: could not be measured: {err:#}", step.name));
                     eprintln!("bench: {}: could not be measured: {err:#}", step.name);
                     r
                 }
+                None => Record::default(),
             };
-            figures.extend(record.figures.clone());
-            for n in &record.notes {
-                if !notes.contains(n) {
-                    notes.push(n.clone());
-                }
+            if let Some(figures) = progress.figures.last_mut() {
+                figures.extend(record.figures.clone());
+                ratios(figures, &args.sizes, args.selector_size);
             }
-            step_records.push(json!({
-                "step": step.name,
-                "seconds": step_started.elapsed().as_secs_f64(),
-                "load_average_start": step_load_start,
-                "load_average_end": loadavg(),
-                "figures": record.figures,
-                "details": record.details,
-                "notes": record.notes,
-            }));
+            for n in &record.notes {
+                progress.note(n.clone());
+            }
+            if let Some(current) = progress.runs.last_mut() {
+                if let Some(steps) = current["steps"].as_array_mut() {
+                    steps.push(json!({
+                        "step": step.name,
+                        "seconds": step_started.elapsed().as_secs_f64(),
+                        "load_average_start": step_load_start,
+                        "load_average_end": loadavg(),
+                        "figures": record.figures,
+                        "details": record.details,
+                        "notes": record.notes,
+                    }));
+                }
+                current["seconds"] = json!(run_started.elapsed().as_secs_f64());
+                current["load_average_end"] = json!(loadavg());
+                current["figures"] = json!(progress.figures.last());
+            }
+            let kubernetes = ctx.kubernetes.lock().map(|k| k.clone()).unwrap_or_default();
+            write_results(&args, &meta, &progress, &kubernetes)?;
+            if progress.interrupted {
+                break 'runs;
+            }
         }
-        ratios(&mut figures, &args.sizes, args.selector_size);
-        runs.push(json!({
-            "run": run,
-            "seconds": run_started.elapsed().as_secs_f64(),
-            "load_average_start": load_start,
-            "load_average_end": loadavg(),
-            "figures": figures,
-            "steps": step_records,
-        }));
-        per_run_figures.push(figures);
     }
+    let kubernetes = ctx.kubernetes.lock().map(|k| k.clone()).unwrap_or_default();
+    let result = write_results(&args, &meta, &progress, &kubernetes)?;
+    let table = report::markdown(&result, &out, &repo);
+    println!("{table}");
+    eprintln!("bench: results in {}", out.display());
+    if let Some(readme) = &args.update_readme {
+        if progress.interrupted {
+            eprintln!("bench: interrupted; {} left as it was", readme.display());
+        } else {
+            report::update_readme(readme, &table)?;
+            eprintln!("bench: table updated in {}", readme.display());
+        }
+    }
+    let _ = std::fs::remove_dir_all(cluster::pids_dir(&ctx.cluster_dir));
+    Ok(())
+}
 
-    let mut keys: Vec<&String> = per_run_figures.iter().flat_map(|f| f.keys()).collect();
+/// What a bench invocation knows before its first step.
+struct Meta {
+    started_at: k8s_openapi::jiff::Timestamp,
+    bench_started: Instant,
+    versions: Value,
+    admission_webhook: Value,
+    out: PathBuf,
+}
+
+/// What has been measured so far.
+#[derive(Default)]
+struct Progress {
+    runs: Vec<Value>,
+    /// Every run's figures (ratios included).
+    figures: Vec<BTreeMap<String, f64>>,
+    notes: Vec<String>,
+    interrupted: bool,
+}
+
+impl Progress {
+    fn note(&mut self, note: String) {
+        if !self.notes.contains(&note) {
+            self.notes.push(note);
+        }
+    }
+}
+
+/// Resolves with the signal's name on SIGINT, SIGTERM or SIGHUP.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let wait = |kind: SignalKind, name: &'static str| async move {
+        match signal(kind) {
+            Ok(mut s) => {
+                s.recv().await;
+                name
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        n = wait(SignalKind::interrupt(), "SIGINT") => n,
+        n = wait(SignalKind::terminate(), "SIGTERM") => n,
+        n = wait(SignalKind::hangup(), "SIGHUP") => n,
+    }
+}
+
+/// Writes the results JSON (after every step, so an interrupted bench keeps
+/// what it measured) and returns it.
+fn write_results(
+    args: &Args,
+    meta: &Meta,
+    progress: &Progress,
+    kubernetes: &str,
+) -> anyhow::Result<Value> {
+    let mut keys: Vec<&String> = progress.figures.iter().flat_map(|f| f.keys()).collect();
     keys.sort();
     keys.dedup();
     let summary: BTreeMap<String, stats::Spread> = keys
         .into_iter()
         .filter_map(|k| {
-            let values: Vec<f64> = per_run_figures
+            let values: Vec<f64> = progress
+                .figures
                 .iter()
                 .filter_map(|f| f.get(k).copied())
                 .collect();
             stats::spread(&values).map(|s| (k.clone(), s))
         })
         .collect();
-    let finished_at = k8s_openapi::jiff::Timestamp::now();
-    let versions = json!({
-        "cloudsql_binder": binder_version,
-        "cloudsql_binder_binary": binary.display().to_string(),
-        "kubernetes": ctx.kubernetes.lock().map(|k| k.clone()).unwrap_or_default(),
-        "google_operator": match &google {
-            Ok(b) => json!(format!("github.com/GoogleCloudPlatform/cloud-sql-proxy-operator {}", b.version)),
-            Err(why) => json!(format!("not run: {why}")),
-        },
-        "rustc": command_output("rustc", &["--version"]),
-        "go": command_output("go", &["version"]),
-    });
-    let admission_note = match &webhook {
-        Ok(()) => Value::Null,
-        Err(why) => json!(why),
-    };
+    let mut versions = meta.versions.clone();
+    versions["kubernetes"] = json!(kubernetes);
     let result = json!({
         "schema": "cloudsql-binder-bench/1",
-        "started": started_at.to_string(),
-        "finished": finished_at.to_string(),
-        "seconds": bench_started.elapsed().as_secs_f64(),
+        "started": meta.started_at.to_string(),
+        "finished": k8s_openapi::jiff::Timestamp::now().to_string(),
+        "seconds": meta.bench_started.elapsed().as_secs_f64(),
+        "complete": !progress.interrupted && progress.runs.len() == args.runs,
         "command": std::env::args().collect::<Vec<_>>().join(" "),
         "machine": machine(),
-        "load_average_start": runs.first().map(|r| r["load_average_start"].clone()),
+        "load_average_start": progress.runs.first().map(|r| r["load_average_start"].clone()),
         "load_average_end": loadavg(),
         "versions": versions,
         "config": {
@@ -556,31 +661,17 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             "idle_secs": args.idle_secs,
             "timeout_secs": args.timeout_secs,
         },
-        "admission_webhook": admission_note,
+        "admission_webhook": meta.admission_webhook,
         "summary": summary,
-        "notes": notes,
-        "runs": runs,
+        "notes": progress.notes,
+        "runs": progress.runs,
     });
-
-    let out = match &args.out {
-        Some(p) => p.clone(),
-        None => {
-            let stamp = started_at.strftime("%Y-%m-%dT%H-%M-%SZ").to_string();
-            repo.join("bench/results").join(format!("{stamp}.json"))
-        }
-    };
-    if let Some(dir) = out.parent() {
+    if let Some(dir) = meta.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&out, serde_json::to_string_pretty(&result)? + "\n")
-        .with_context(|| format!("writing {}", out.display()))?;
-    let table = report::markdown(&result, &out, &repo);
-    println!("{table}");
-    eprintln!("bench: results in {}", out.display());
-    if let Some(readme) = &args.update_readme {
-        report::update_readme(readme, &table)?;
-        eprintln!("bench: table updated in {}", readme.display());
-    }
-    let _ = std::fs::remove_dir_all(cluster::pids_dir(&ctx.cluster_dir));
-    Ok(())
+    let tmp = meta.out.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&result)? + "\n")
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &meta.out).with_context(|| format!("writing {}", meta.out.display()))?;
+    Ok(result)
 }

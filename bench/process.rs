@@ -44,7 +44,7 @@ fn clock_ticks() -> f64 {
 }
 
 impl Proc {
-    /// Starts `program args` with `envs`, output appended to `log`; records the
+    /// Starts `program args` with `envs`, output to `log` (truncated); records the
     /// pid in `pids_dir` so an interrupted bench's leftovers can be stopped.
     pub fn spawn(
         name: &str,
@@ -54,11 +54,8 @@ impl Proc {
         log: &Path,
         pids_dir: &Path,
     ) -> anyhow::Result<Proc> {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .with_context(|| format!("opening {}", log.display()))?;
+        let out =
+            std::fs::File::create(log).with_context(|| format!("opening {}", log.display()))?;
         let err = out.try_clone()?;
         let child = Command::new(program)
             .args(args)

@@ -22,9 +22,17 @@ pub struct Outcome {
     pub total: usize,
 }
 
-/// A watch running in the background.
+/// A watch running in the background; stopped when dropped.
 pub struct Watch {
-    handle: JoinHandle<Outcome>,
+    handle: Option<JoinHandle<Outcome>>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.handle {
+            handle.abort();
+        }
+    }
 }
 
 impl Watch {
@@ -98,16 +106,22 @@ impl Watch {
         synced_rx
             .await
             .map_err(|_| anyhow::anyhow!("the watch ended before its initial list"))?;
-        Ok(Watch { handle })
+        Ok(Watch {
+            handle: Some(handle),
+        })
     }
 
     /// Waits for the watch to end.
-    pub async fn finish(self) -> Outcome {
-        self.handle.await.unwrap_or(Outcome {
+    pub async fn finish(mut self) -> Outcome {
+        let none = Outcome {
             done_at: None,
             done: 0,
             total: 0,
-        })
+        };
+        match self.handle.take() {
+            Some(handle) => handle.await.unwrap_or(none),
+            None => none,
+        }
     }
 }
 
