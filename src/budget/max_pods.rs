@@ -426,12 +426,12 @@ pub fn hpa_max_replicas(hpa: &HorizontalPodAutoscaler) -> Option<i32> {
 /// The largest `maxReplicas` among the HPAs that target the workload of kind
 /// `kind` named `name`; `None` when none does. (Two HPAs on one workload fight
 /// each other; the larger bound is the safe one to count.)
-pub fn hpa_max_replicas_for(
-    hpas: &[HorizontalPodAutoscaler],
+pub fn hpa_max_replicas_for<'a>(
+    hpas: impl IntoIterator<Item = &'a HorizontalPodAutoscaler>,
     kind: &str,
     name: &str,
 ) -> Option<i32> {
-    hpas.iter()
+    hpas.into_iter()
         .filter(|hpa| hpa_targets(hpa, kind, name))
         .filter_map(hpa_max_replicas)
         .max()

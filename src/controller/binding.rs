@@ -14,7 +14,6 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::core::GroupVersionKind;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -50,28 +49,85 @@ pub async fn reconcile(binding: Arc<CloudSqlBinding>, ctx: Arc<Context>) -> Resu
     super::store_ready(&ctx.stores.instances).await;
     let _timer = ctx.metrics.reconcile_timer("binding");
     let api: Api<CloudSqlBinding> = Api::namespaced(ctx.client.clone(), &ns);
-    let adds_finalizer = binding.metadata.deletion_timestamp.is_none()
-        && !binding.finalizers().iter().any(|f| f == FINALIZER);
-    let removes_finalizer = binding.metadata.deletion_timestamp.is_some()
-        && binding.finalizers().iter().any(|f| f == FINALIZER);
-    let result = finalizer(&api, FINALIZER, binding, |event| async {
-        match event {
-            Finalizer::Apply(b) => apply(b, &ctx).await,
-            Finalizer::Cleanup(b) => cleanup(b, &ctx).await,
+    let name = binding.name_any();
+    let has_finalizer = binding.finalizers().iter().any(|f| f == FINALIZER);
+    if binding.metadata.deletion_timestamp.is_some() {
+        if !has_finalizer {
+            return Ok(Action::await_change());
         }
-    })
-    .await;
-    if adds_finalizer || (removes_finalizer && result.is_ok()) {
+        cleanup(binding.clone(), &ctx).await?;
+        remove_finalizer(&api, &binding).await?;
         ctx.metrics.write("binding", "finalizer");
+        return Ok(Action::await_change());
     }
-    result.map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer {
-            object: "CloudSqlBinding".into(),
-            message: other.to_string(),
-        },
-    })
+    let binding = if has_finalizer {
+        binding
+    } else {
+        // Server-side apply of our one finalizer: idempotent, so a reconcile
+        // that runs on a cache still missing it (a trigger queued while the
+        // finalizer was being added) costs a no-op request, not a conflict
+        // and a retry. The reconcile goes on with the object the API server
+        // returned instead of waiting for the watch to bring it back.
+        let patch = json!({
+            "apiVersion": CloudSqlBinding::api_version(&()),
+            "kind": CloudSqlBinding::kind(&()),
+            "metadata": {"name": name, "finalizers": [FINALIZER]},
+        });
+        let updated = api
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(|source| Error::Kube {
+                action: format!("adding finalizer {FINALIZER} to CloudSqlBinding {ns}/{name}"),
+                source,
+            })?;
+        ctx.metrics.write("binding", "finalizer");
+        if updated.metadata.deletion_timestamp.is_some() {
+            // Deleted meanwhile: the next reconcile cleans up.
+            return Ok(Action::requeue(Duration::from_millis(100)));
+        }
+        Arc::new(updated)
+    };
+    apply(binding, &ctx).await
+}
+
+/// Takes our finalizer out: a JSON patch that tests the entry it removes, so
+/// a list changed by someone else meanwhile is never clobbered (the patch
+/// fails and the reconcile retries on the fresh object). A JSON patch rather
+/// than an apply because the entry may have been added by an older version
+/// of the operator under another field manager.
+async fn remove_finalizer(
+    api: &Api<CloudSqlBinding>,
+    binding: &CloudSqlBinding,
+) -> Result<(), Error> {
+    let name = binding.name_any();
+    let Some(index) = binding.finalizers().iter().position(|f| f == FINALIZER) else {
+        return Ok(());
+    };
+    let path = format!("/metadata/finalizers/{index}");
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": path, "value": FINALIZER},
+        {"op": "remove", "path": path},
+    ]))
+    .map_err(|e| Error::Finalizer {
+        object: format!("CloudSqlBinding {name}"),
+        message: e.to_string(),
+    })?;
+    match api
+        .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Gone already: nothing holds it.
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(Error::Kube {
+            action: format!("removing finalizer {FINALIZER} from CloudSqlBinding {name}"),
+            source,
+        }),
+    }
 }
 
 pub fn error_policy(binding: Arc<CloudSqlBinding>, err: &Error, ctx: Arc<Context>) -> Action {

@@ -116,7 +116,7 @@ pub async fn reconcile(
     let discovered = ctx.stores.discovered(&instance);
     let capacity = ctx.stores.capacity(&instance, discovered.clone());
     let budget = ctx.stores.budget(&instance, &capacity);
-    let bindings = ctx.stores.bindings_of(&name);
+    let bindings = ctx.stores.bindings_of_any_order(&name);
 
     let mut status = CloudSqlInstanceStatus {
         observed_generation: generation,

@@ -9,6 +9,7 @@ mod instance;
 mod subset;
 pub mod world;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -118,6 +119,7 @@ fn trim<K: Resource>(obj: &mut K) {
 /// the stream of touched objects (to map into reconcile triggers).
 fn reflect<K>(
     api: Api<K>,
+    generation: Arc<AtomicU64>,
 ) -> (
     Store<K>,
     impl Stream<Item = Result<K, watcher::Error>> + Send,
@@ -136,6 +138,10 @@ where
         writer,
         watcher(api, watcher::Config::default().any_semantic()).modify(trim),
     )
+    // After the event reached the store (see `world::BudgetCache`).
+    .inspect(move |_| {
+        generation.fetch_add(1, Ordering::Release);
+    })
     .default_backoff()
     .touched_objects();
     (reader, stream)
@@ -153,7 +159,7 @@ fn bindings_for_workload(
     labels: Option<&std::collections::BTreeMap<String, String>>,
 ) -> Vec<ObjectRef<CloudSqlBinding>> {
     stores
-        .bindings_in(ns)
+        .bindings_in_any_order(ns)
         .into_iter()
         .filter(|b| {
             Stores::selects(b, kind, name, labels)
@@ -202,6 +208,7 @@ fn spawn_workload_mapper<K, S>(
 /// every touched object.
 fn spawn_metadata_reflector<K>(
     api: Api<kube::api::PartialObjectMeta<K>>,
+    generation: Arc<AtomicU64>,
     on_change: impl Fn(&kube::api::PartialObjectMeta<K>) + Send + 'static,
 ) -> Store<kube::api::PartialObjectMeta<K>>
 where
@@ -218,6 +225,10 @@ where
         writer,
         watcher(api, watcher::Config::default().any_semantic()).modify(trim),
     )
+    // After the event reached the store (see `world::BudgetCache`).
+    .inspect(move |_| {
+        generation.fetch_add(1, Ordering::Release);
+    })
     .default_backoff()
     .touched_objects();
     tokio::spawn(async move {
@@ -256,6 +267,7 @@ fn watch_for_knative(
     stores: Stores,
     tx: broadcast::Sender<ObjectRef<CloudSqlBinding>>,
 ) {
+    let generation = stores.budgets.generation().unwrap_or_default();
     tokio::spawn(async move {
         let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
         let config =
@@ -274,7 +286,10 @@ fn watch_for_knative(
             let started = stores.knative.read().map(|g| g.is_some()).unwrap_or(true);
             if established && !started {
                 info!("Knative Serving is installed: binding Service.serving.knative.dev");
-                let (store, stream) = reflect(Api::<KnativeService>::all(client.clone()));
+                let (store, stream) = reflect(
+                    Api::<KnativeService>::all(client.clone()),
+                    generation.clone(),
+                );
                 if let Ok(mut guard) = stores.knative.write() {
                     *guard = Some(store);
                 }
@@ -313,27 +328,44 @@ impl Cluster {
                 None => native_sidecars(&client).await,
             },
         };
+        let budgets = world::BudgetCache::new(Arc::new(AtomicU64::new(0)));
+        let generation = budgets.generation().unwrap_or_default();
         let (binding_tx, _) = broadcast::channel(TRIGGER_CAPACITY);
         let (instance_tx, _) = broadcast::channel(TRIGGER_CAPACITY);
 
-        let (deployments, deployment_stream) = reflect(Api::<Deployment>::all(client.clone()));
-        let (stateful_sets, sts_stream) = reflect(Api::<StatefulSet>::all(client.clone()));
-        let (daemon_sets, ds_stream) = reflect(Api::<DaemonSet>::all(client.clone()));
-        let (replica_sets, rs_stream) = reflect(Api::<ReplicaSet>::all(client.clone()));
-        let (cron_jobs, cj_stream) = reflect(Api::<CronJob>::all(client.clone()));
-        let (jobs, job_stream) = reflect(Api::<Job>::all(client.clone()));
-        let (hpas, hpa_stream) = reflect(Api::<HorizontalPodAutoscaler>::all(client.clone()));
-        let (bindings, binding_stream) = reflect(Api::<CloudSqlBinding>::all(client.clone()));
-        let (instances, instance_stream) = reflect(Api::<CloudSqlInstance>::all(client.clone()));
+        let (deployments, deployment_stream) =
+            reflect(Api::<Deployment>::all(client.clone()), generation.clone());
+        let (stateful_sets, sts_stream) =
+            reflect(Api::<StatefulSet>::all(client.clone()), generation.clone());
+        let (daemon_sets, ds_stream) =
+            reflect(Api::<DaemonSet>::all(client.clone()), generation.clone());
+        let (replica_sets, rs_stream) =
+            reflect(Api::<ReplicaSet>::all(client.clone()), generation.clone());
+        let (cron_jobs, cj_stream) =
+            reflect(Api::<CronJob>::all(client.clone()), generation.clone());
+        let (jobs, job_stream) = reflect(Api::<Job>::all(client.clone()), generation.clone());
+        let (hpas, hpa_stream) = reflect(
+            Api::<HorizontalPodAutoscaler>::all(client.clone()),
+            generation.clone(),
+        );
+        let (bindings, binding_stream) = reflect(
+            Api::<CloudSqlBinding>::all(client.clone()),
+            generation.clone(),
+        );
+        let (instances, instance_stream) = reflect(
+            Api::<CloudSqlInstance>::all(client.clone()),
+            generation.clone(),
+        );
 
         let stores_cell: Arc<RwLock<Option<Stores>>> = Arc::default();
         let ns_tx = binding_tx.clone();
         let ns_cell = stores_cell.clone();
         let namespaces = spawn_metadata_reflector(
             Api::<kube::api::PartialObjectMeta<Namespace>>::all(client.clone()),
+            generation.clone(),
             move |ns| {
                 if let Some(stores) = ns_cell.read().ok().and_then(|g| g.clone()) {
-                    for b in stores.bindings_in(&ns.name_any()) {
+                    for b in stores.bindings_in_any_order(&ns.name_any()) {
                         let _ = ns_tx.send(ObjectRef::from_obj(&*b));
                     }
                 }
@@ -343,6 +375,7 @@ impl Cluster {
         let pod_cell = stores_cell.clone();
         let pods = spawn_metadata_reflector(
             Api::<kube::api::PartialObjectMeta<Pod>>::all(client.clone()),
+            generation.clone(),
             move |pod| {
                 if let Some(stores) = pod_cell.read().ok().and_then(|g| g.clone()) {
                     let ns = pod.namespace().unwrap_or_default();
@@ -360,6 +393,7 @@ impl Cluster {
         );
         let nodes = spawn_metadata_reflector(
             Api::<kube::api::PartialObjectMeta<Node>>::all(client.clone()),
+            generation.clone(),
             |_| {},
         );
 
@@ -378,6 +412,7 @@ impl Cluster {
             pods,
             knative: Arc::default(),
             discovery: options.discovery.clone(),
+            budgets,
         };
         if let Ok(mut guard) = stores_cell.write() {
             *guard = Some(stores.clone());
@@ -395,7 +430,7 @@ impl Cluster {
             let stores = stores.clone();
             let tx = binding_tx.clone();
             move |hpa: &HorizontalPodAutoscaler| {
-                for b in stores.bindings_in(&hpa.namespace().unwrap_or_default()) {
+                for b in stores.bindings_in_any_order(&hpa.namespace().unwrap_or_default()) {
                     let _ = tx.send(ObjectRef::from_obj(&*b));
                 }
             }
@@ -414,7 +449,7 @@ impl Cluster {
             let itx = instance_tx.clone();
             move |instance: &CloudSqlInstance| {
                 let _ = itx.send(ObjectRef::from_obj(instance));
-                for b in stores.bindings_of(&instance.name_any()) {
+                for b in stores.bindings_of_any_order(&instance.name_any()) {
                     let _ = tx.send(ObjectRef::from_obj(&*b));
                 }
             }

@@ -3,8 +3,10 @@
 //! which workloads a binding selects, whether a binding may inject, what its
 //! grant is, and what one workload's template should carry.
 
+use std::collections::HashMap;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -38,6 +40,73 @@ pub struct Stores {
     pub knative: Arc<RwLock<Option<Store<KnativeService>>>>,
     /// What the Cloud SQL Admin API told us, per connection name.
     pub discovery: Option<Arc<crate::gcp::CapacityDiscovery>>,
+    /// Budgets already computed, valid while nothing in the stores changed.
+    pub budgets: BudgetCache,
+}
+
+/// Budgets of instances, each valid for one generation of the stores.
+///
+/// Every reconcile and every admission asks for grants, and a grant needs the
+/// whole budget of its instance (every binding of it, every workload they
+/// select): computed afresh each time that is O(bindings) per question and
+/// O(bindings²) per convergence. The reflectors of [`super::Cluster`] bump
+/// `generation` after each watch event has reached its store; a budget
+/// computed at generation `g` is reused while the generation is still `g`.
+/// A store changed while a budget was being computed has bumped the
+/// generation after the change, so that budget is never reused past it.
+#[derive(Clone, Default)]
+pub struct BudgetCache {
+    /// `None` for stores filled by hand (tests): nothing is cached.
+    generation: Option<Arc<AtomicU64>>,
+    entries: Arc<Mutex<HashMap<String, CachedBudget>>>,
+}
+
+struct CachedBudget {
+    generation: u64,
+    usable: Option<u32>,
+    budget: Arc<Budget>,
+}
+
+impl BudgetCache {
+    /// A cache invalidated by `generation`, which the store writers bump.
+    pub fn new(generation: Arc<AtomicU64>) -> BudgetCache {
+        BudgetCache {
+            generation: Some(generation),
+            entries: Arc::default(),
+        }
+    }
+
+    /// The counter to bump after every change to any store.
+    pub fn generation(&self) -> Option<Arc<AtomicU64>> {
+        self.generation.clone()
+    }
+
+    fn now(&self) -> Option<u64> {
+        self.generation.as_ref().map(|g| g.load(Ordering::Acquire))
+    }
+
+    fn get(&self, instance: &str, generation: u64, usable: Option<u32>) -> Option<Arc<Budget>> {
+        let entries = self.entries.lock().ok()?;
+        entries
+            .get(instance)
+            .filter(|c| c.generation == generation && c.usable == usable)
+            .map(|c| c.budget.clone())
+    }
+
+    fn put(&self, instance: String, generation: u64, usable: Option<u32>, budget: Arc<Budget>) {
+        if let Ok(mut entries) = self.entries.lock() {
+            // Entries of older generations are dead: drop them.
+            entries.retain(|_, c| c.generation >= generation);
+            entries.insert(
+                instance,
+                CachedBudget {
+                    generation,
+                    usable,
+                    budget,
+                },
+            );
+        }
+    }
 }
 
 /// One workload a binding selects.
@@ -146,11 +215,40 @@ pub fn binding_key(binding: &CloudSqlBinding) -> String {
     )
 }
 
+/// Whether `key` is [`binding_key`] of `binding` (without building it).
+fn is_key_of(key: &str, binding: &CloudSqlBinding) -> bool {
+    let ns = binding.metadata.namespace.as_deref().unwrap_or_default();
+    let name = binding.metadata.name.as_deref().unwrap_or_default();
+    key.strip_prefix(ns)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .is_some_and(|rest| rest == name)
+}
+
 fn by_creation(a: &Arc<CloudSqlBinding>, b: &Arc<CloudSqlBinding>) -> std::cmp::Ordering {
     let at = |x: &Arc<CloudSqlBinding>| x.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    at(a)
-        .cmp(&at(b))
-        .then_with(|| binding_key(a).cmp(&binding_key(b)))
+    at(a).cmp(&at(b)).then_with(|| by_key(a, b))
+}
+
+/// The order of [`binding_key`] (namespace, then name), without building
+/// the keys: sorts run over every binding of a namespace or an instance.
+fn by_key(a: &Arc<CloudSqlBinding>, b: &Arc<CloudSqlBinding>) -> std::cmp::Ordering {
+    let (a_ns, b_ns) = (
+        a.metadata.namespace.as_deref().unwrap_or_default(),
+        b.metadata.namespace.as_deref().unwrap_or_default(),
+    );
+    if a_ns == b_ns {
+        let (a_name, b_name) = (
+            a.metadata.name.as_deref().unwrap_or_default(),
+            b.metadata.name.as_deref().unwrap_or_default(),
+        );
+        return a_name.cmp(b_name);
+    }
+    fn key(x: &CloudSqlBinding) -> impl Iterator<Item = u8> + '_ {
+        let ns = x.metadata.namespace.as_deref().unwrap_or_default();
+        let name = x.metadata.name.as_deref().unwrap_or_default();
+        ns.bytes().chain(std::iter::once(b'/')).chain(name.bytes())
+    }
+    key(a).cmp(key(b))
 }
 
 fn get<K: Workload>(store: &Store<K>, ns: &str, name: &str) -> Option<Arc<K>> {
@@ -247,14 +345,27 @@ impl Stores {
 
     /// Bindings of a namespace, oldest first.
     pub fn bindings_in(&self, ns: &str) -> Vec<Arc<CloudSqlBinding>> {
-        let mut out: Vec<_> = self
-            .bindings
-            .state()
-            .into_iter()
-            .filter(|b| b.namespace().as_deref() == Some(ns))
-            .collect();
+        let mut out = self.bindings_in_any_order(ns);
         out.sort_by(by_creation);
         out
+    }
+
+    /// Bindings of a namespace, in no particular order (for triggers).
+    pub fn bindings_in_any_order(&self, ns: &str) -> Vec<Arc<CloudSqlBinding>> {
+        self.bindings
+            .state()
+            .into_iter()
+            .filter(|b| b.metadata.namespace.as_deref() == Some(ns))
+            .collect()
+    }
+
+    /// Bindings of an instance, in no particular order.
+    pub fn bindings_of_any_order(&self, instance: &str) -> Vec<Arc<CloudSqlBinding>> {
+        self.bindings
+            .state()
+            .into_iter()
+            .filter(|b| b.spec.instance_ref.name == instance)
+            .collect()
     }
 
     /// Bindings of an instance, in key order.
@@ -265,7 +376,7 @@ impl Stores {
             .into_iter()
             .filter(|b| b.spec.instance_ref.name == instance)
             .collect();
-        out.sort_by_key(|b| binding_key(b));
+        out.sort_by(by_key);
         out
     }
 
@@ -304,14 +415,14 @@ impl Stores {
     }
 
     fn hpa_max(&self, ns: &str, kind: &str, name: &str) -> Option<i32> {
-        let hpas: Vec<HorizontalPodAutoscaler> = self
-            .hpas
-            .state()
-            .into_iter()
-            .filter(|h| h.namespace().as_deref() == Some(ns))
-            .map(|h| (*h).clone())
-            .collect();
-        budget::max_pods::hpa_max_replicas_for(&hpas, kind, name)
+        let hpas = self.hpas.state();
+        budget::max_pods::hpa_max_replicas_for(
+            hpas.iter()
+                .filter(|h| h.metadata.namespace.as_deref() == Some(ns))
+                .map(|h| &**h),
+            kind,
+            name,
+        )
     }
 
     /// The most pods of one workload that can hold connections at once.
@@ -394,11 +505,29 @@ impl Stores {
         &self,
         instance: &CloudSqlInstance,
         capacity: &CapacityResolutionOrError,
-    ) -> Budget {
+    ) -> Arc<Budget> {
         let name = instance.name_any();
+        let usable = match capacity {
+            Ok(CapacityResolution::Known(c)) => Some(c.usable()),
+            _ => None,
+        };
+        let generation = self.budgets.now();
+        if let Some(g) = generation
+            && let Some(cached) = self.budgets.get(&name, g, usable)
+        {
+            return cached;
+        }
+        let budget = Arc::new(self.compute_budget(&name, usable));
+        if let Some(g) = generation {
+            self.budgets.put(name, g, usable, budget.clone());
+        }
+        budget
+    }
+
+    fn compute_budget(&self, name: &str, usable: Option<u32>) -> Budget {
         let mut requests = Vec::new();
         let mut max_pods = BTreeMap::new();
-        for binding in self.bindings_of(&name) {
+        for binding in self.bindings_of(name) {
             if !matches!(self.eligibility(&binding), Eligibility::Eligible(_)) {
                 continue;
             }
@@ -414,10 +543,6 @@ impl Stores {
                 weight: u32::try_from(pool.weight).unwrap_or(1).max(1),
             });
         }
-        let usable = match capacity {
-            Ok(CapacityResolution::Known(c)) => Some(c.usable()),
-            _ => None,
-        };
         let allocation = usable.and_then(|u| budget::allocate(u, &requests).ok());
         Budget {
             requests,
@@ -465,11 +590,15 @@ impl Stores {
         caps: TargetCapabilities,
         exclude: Option<&str>,
     ) -> Desire {
-        let bindings: Vec<Arc<CloudSqlBinding>> = self
-            .bindings_in(&id.namespace)
+        // Only the bindings that select this workload take part (the others
+        // have no route): filtered before the sort.
+        let mut bindings: Vec<Arc<CloudSqlBinding>> = self
+            .bindings_in_any_order(&id.namespace)
             .into_iter()
-            .filter(|b| exclude != Some(binding_key(b).as_str()))
+            .filter(|b| exclude.is_none_or(|key| !is_key_of(key, b)))
+            .filter(|b| Stores::selects(b, id.kind, &id.name, labels))
             .collect();
+        bindings.sort_by(by_creation);
         self.resolve(
             &bindings,
             id.kind,
@@ -767,6 +896,7 @@ impl Stores {
                 pods,
                 knative: Arc::default(),
                 discovery: None,
+                budgets: BudgetCache::default(),
             },
             TestWriters {
                 instances: w_instances,
@@ -780,5 +910,110 @@ impl Stores {
                 pods: w_pods,
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::watcher;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn binding(ns: &str, name: &str) -> Arc<CloudSqlBinding> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "cloudsql.dev/v1alpha1", "kind": "CloudSqlBinding",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"instanceRef": {"name": "orders"},
+                         "database": {"name": "orders", "user": "app"},
+                         "pool": {"maxPerPod": 10, "minPerPod": 1},
+                         "workloads": [{"kind": "Deployment", "name": name}]}
+            }))
+            .expect("a binding"),
+        )
+    }
+
+    proptest! {
+        // The allocation-free comparison orders exactly like the keys do
+        // (namespaces may hold '-', which sorts before '/').
+        #[test]
+        fn by_key_orders_like_binding_key(
+            a in ("[a-z0-9-]{1,6}", "[a-z0-9.-]{1,6}"),
+            b in ("[a-z0-9-]{1,6}", "[a-z0-9.-]{1,6}"),
+        ) {
+            let (x, y) = (binding(&a.0, &a.1), binding(&b.0, &b.1));
+            prop_assert_eq!(by_key(&x, &y), binding_key(&x).cmp(&binding_key(&y)));
+            prop_assert!(is_key_of(&binding_key(&x), &x));
+            prop_assert_eq!(is_key_of(&binding_key(&y), &x), binding_key(&x) == binding_key(&y));
+        }
+    }
+
+    fn deployment(name: &str, replicas: i32) -> Deployment {
+        serde_json::from_value(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"replicas": replicas, "strategy": {"type": "Recreate"},
+                     "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}},
+                                  "spec": {"containers": [{"name": "app", "image": "app"}]}}}
+        }))
+        .expect("a deployment")
+    }
+
+    fn instance() -> CloudSqlInstance {
+        serde_json::from_value(json!({
+            "apiVersion": "cloudsql.dev/v1alpha1", "kind": "CloudSqlInstance",
+            "metadata": {"name": "orders"},
+            "spec": {"connectionName": "p:r:orders", "databaseVersion": "POSTGRES_16",
+                     "discovery": "None",
+                     "capacity": {"maxConnections": 100, "reservedConnections": 0}}
+        }))
+        .expect("an instance")
+    }
+
+    #[test]
+    fn a_cached_budget_lasts_exactly_until_the_generation_moves() {
+        let (mut stores, mut w) = Stores::for_tests();
+        let generation = Arc::new(AtomicU64::new(0));
+        stores.budgets = BudgetCache::new(generation.clone());
+        let instance = instance();
+        w.instances
+            .apply_watcher_event(&watcher::Event::Apply(instance.clone()));
+        let b = (*binding("shop", "api")).clone();
+        w.bindings.apply_watcher_event(&watcher::Event::Apply(b));
+        w.deployments
+            .apply_watcher_event(&watcher::Event::Apply(deployment("api", 4)));
+        let capacity = stores.capacity(&instance, None);
+        let first = stores.budget(&instance, &capacity);
+        assert_eq!(first.max_pods.get("shop/api"), Some(&4));
+        // Nothing moved: the same budget, not a new computation.
+        assert!(Arc::ptr_eq(&first, &stores.budget(&instance, &capacity)));
+        // The store changes and the writer bumps the generation: recomputed.
+        w.deployments
+            .apply_watcher_event(&watcher::Event::Apply(deployment("api", 30)));
+        generation.fetch_add(1, Ordering::Release);
+        let second = stores.budget(&instance, &capacity);
+        assert_eq!(second.max_pods.get("shop/api"), Some(&30));
+        // Another capacity at the same generation is another budget.
+        let mut bigger = instance.clone();
+        bigger.spec.capacity.max_connections = Some(1000);
+        let third = stores.budget(&bigger, &stores.capacity(&bigger, None));
+        assert!(!Arc::ptr_eq(&second, &third));
+        assert_ne!(
+            second.allocation.as_ref().map(|a| a.grants.clone()),
+            third.allocation.as_ref().map(|a| a.grants.clone())
+        );
+    }
+
+    #[test]
+    fn stores_filled_by_hand_never_cache() {
+        let (stores, mut w) = Stores::for_tests();
+        let instance = instance();
+        w.instances
+            .apply_watcher_event(&watcher::Event::Apply(instance.clone()));
+        let capacity = stores.capacity(&instance, None);
+        let first = stores.budget(&instance, &capacity);
+        assert!(!Arc::ptr_eq(&first, &stores.budget(&instance, &capacity)));
     }
 }
