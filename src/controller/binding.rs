@@ -795,7 +795,7 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
             }
         }
     }
-    let _ = ctx.instance_trigger.send(ObjectRef::new(&instance_name));
+    ctx.instance_may_have_moved(&instance_name);
     if retry_soon {
         // A roll waits for the webhook to answer again.
         return Ok(Action::requeue(Duration::from_secs(10)));

@@ -36,7 +36,7 @@ pub async fn reconcile(
     if !ctx.options.namespaces.is_empty()
         && !ctx
             .stores
-            .bindings_of(&name)
+            .bindings_of_any_order(&name)
             .iter()
             .any(|b| ctx.watches_namespace(&b.namespace().unwrap_or_default()))
     {
@@ -317,6 +317,15 @@ pub async fn reconcile(
                 let _ = ctx.binding_trigger.send(ObjectRef::from_obj(&**binding));
             }
         }
+    }
+    if let Ok(mut seen) = ctx.instance_seen.lock() {
+        seen.insert(
+            name,
+            super::InstanceSeen {
+                bindings: bindings.len(),
+                budget,
+            },
+        );
     }
     Ok(Action::requeue(requeue))
 }

@@ -9,7 +9,7 @@ mod instance;
 mod subset;
 pub mod world;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -101,9 +101,46 @@ pub struct Context {
     pub instance_trigger: broadcast::Sender<ObjectRef<CloudSqlInstance>>,
     /// Asks the binding controller to look at a binding again.
     pub binding_trigger: broadcast::Sender<ObjectRef<CloudSqlBinding>>,
+    /// What each instance's last reconcile saw: its number of bindings and
+    /// its budget. A binding reconcile asks for an instance reconcile only
+    /// when that moved (during a burst of bindings, every binding reconcile
+    /// would otherwise cost an instance reconcile over all its bindings).
+    pub instance_seen: std::sync::Mutex<std::collections::HashMap<String, InstanceSeen>>,
+}
+
+/// See [`Context::instance_seen`].
+#[derive(Clone)]
+pub struct InstanceSeen {
+    /// Bindings that name the instance.
+    pub bindings: usize,
+    /// Its budget.
+    pub budget: Arc<world::Budget>,
 }
 
 impl Context {
+    /// Asks for a reconcile of instance `name` if what it would see differs
+    /// from what its last reconcile saw.
+    pub fn instance_may_have_moved(&self, name: &str) {
+        let seen = self
+            .instance_seen
+            .lock()
+            .ok()
+            .and_then(|m| m.get(name).cloned());
+        let moved = match (seen, self.stores.instances.get(&ObjectRef::new(name))) {
+            (Some(seen), Some(instance)) => {
+                let capacity = self
+                    .stores
+                    .capacity(&instance, self.stores.discovered(&instance));
+                seen.bindings != self.stores.bindings_of_any_order(name).len()
+                    || *seen.budget != *self.stores.budget(&instance, &capacity)
+            }
+            _ => true,
+        };
+        if moved {
+            let _ = self.instance_trigger.send(ObjectRef::new(name));
+        }
+    }
+
     /// Whether bindings of this namespace are handled by this operator.
     pub fn watches_namespace(&self, ns: &str) -> bool {
         self.options.namespaces.is_empty() || self.options.namespaces.iter().any(|n| n == ns)
@@ -129,18 +166,27 @@ where
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
+        + serde::Serialize
         + Send
         + Sync
         + 'static,
 {
     let (reader, writer) = reflector::store();
+    // This stream's own mark: set before the reflector applies an event, taken
+    // after it did (events pass one at a time).
+    let pending = Arc::new(AtomicBool::new(false));
     let stream = reflector(
         writer,
-        watcher(api, watcher::Config::default().any_semantic()).modify(trim),
+        budget_relevance(
+            watcher(api, watcher::Config::default().any_semantic()).modify(trim),
+            pending.clone(),
+        ),
     )
     // After the event reached the store (see `world::BudgetCache`).
     .inspect(move |_| {
-        generation.fetch_add(1, Ordering::Release);
+        if pending.swap(false, Ordering::AcqRel) {
+            generation.fetch_add(1, Ordering::Release);
+        }
     })
     .default_backoff()
     .touched_objects();
@@ -148,6 +194,25 @@ where
 }
 
 use kube::runtime::reflector::reflector;
+
+/// Marks the budget-relevant events of a watch stream (see
+/// `world::BudgetRelevance`) in `pending`; the generation moves once such an
+/// event has reached the store, downstream of the reflector.
+fn budget_relevance<K, S>(stream: S, pending: Arc<AtomicBool>) -> impl Stream<Item = S::Item> + Send
+where
+    K: Resource + serde::Serialize + Send + 'static,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+{
+    let mut relevance = world::BudgetRelevance::default();
+    stream.map(move |event| {
+        if let Ok(e) = &event
+            && relevance.observe(e)
+        {
+            pending.store(true, Ordering::Release);
+        }
+        event
+    })
+}
 
 /// Bindings to reconcile when workload `obj` of kind `kind` changes: those in
 /// its namespace that select it now, or that list it in their status.
@@ -216,18 +281,27 @@ where
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
+        + serde::Serialize
         + Send
         + Sync
         + 'static,
 {
     let (reader, writer) = reflector::store();
+    // This stream's own mark: set before the reflector applies an event, taken
+    // after it did (events pass one at a time).
+    let pending = Arc::new(AtomicBool::new(false));
     let stream = reflector(
         writer,
-        watcher(api, watcher::Config::default().any_semantic()).modify(trim),
+        budget_relevance(
+            watcher(api, watcher::Config::default().any_semantic()).modify(trim),
+            pending.clone(),
+        ),
     )
     // After the event reached the store (see `world::BudgetCache`).
     .inspect(move |_| {
-        generation.fetch_add(1, Ordering::Release);
+        if pending.swap(false, Ordering::AcqRel) {
+            generation.fetch_add(1, Ordering::Release);
+        }
     })
     .default_backoff()
     .touched_objects();
@@ -572,6 +646,7 @@ pub async fn run_controllers(
         options,
         instance_trigger: cluster.instance_events.clone(),
         binding_trigger: cluster.binding_events.clone(),
+        instance_seen: Default::default(),
     });
 
     let shutdown = shutdown.shared();

@@ -67,6 +67,83 @@ struct CachedBudget {
     budget: Arc<Budget>,
 }
 
+/// Follows one kind's watch events and tells which of them change what a
+/// budget reads of an object: its labels, whether it is being deleted, its
+/// owners and its spec, except the pod template of a workload (which the
+/// operator itself writes: injecting a template must not throw every cached
+/// budget away; Knative services keep theirs, whose annotations set the
+/// scale). Status never counts. Events that change none of that leave the
+/// cached budgets valid.
+#[derive(Debug, Default)]
+pub struct BudgetRelevance {
+    seen: HashMap<(Option<String>, String), u64>,
+}
+
+impl BudgetRelevance {
+    /// Whether `event` may change a budget (then the generation moves once the
+    /// event is in the store).
+    pub fn observe<K: Resource + serde::Serialize>(
+        &mut self,
+        event: &kube::runtime::watcher::Event<K>,
+    ) -> bool {
+        use kube::runtime::watcher::Event;
+        let key = |o: &K| {
+            (
+                o.meta().namespace.clone(),
+                o.meta().name.clone().unwrap_or_default(),
+            )
+        };
+        match event {
+            Event::Apply(o) | Event::InitApply(o) => match budget_fingerprint(o) {
+                Some(fp) => self.seen.insert(key(o), fp) != Some(fp),
+                None => true,
+            },
+            Event::Delete(o) => {
+                self.seen.remove(&key(o));
+                true
+            }
+            Event::Init => {
+                self.seen.clear();
+                true
+            }
+            Event::InitDone => true,
+        }
+    }
+}
+
+/// A hash of what a budget reads of `obj` (see [`BudgetRelevance`]).
+fn budget_fingerprint<K: Resource + serde::Serialize>(obj: &K) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = obj.meta();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    meta.labels.hash(&mut hasher);
+    meta.deletion_timestamp.is_some().hash(&mut hasher);
+    for owner in meta.owner_references.iter().flatten() {
+        (&owner.kind, &owner.name, owner.controller).hash(&mut hasher);
+    }
+    let serde_json::Value::Object(mut whole) = serde_json::to_value(obj).ok()? else {
+        return None;
+    };
+    let knative = whole
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .is_some_and(|v| v.starts_with("serving.knative.dev/"));
+    if let Some(mut spec) = whole.remove("spec") {
+        if !knative && let Some(spec) = spec.as_object_mut() {
+            spec.remove("template");
+            if let Some(job) = spec
+                .get_mut("jobTemplate")
+                .and_then(|t| t.get_mut("spec"))
+                .and_then(|s| s.as_object_mut())
+            {
+                job.remove("template");
+            }
+        }
+        spec.to_string().hash(&mut hasher);
+    }
+    Some(hasher.finish())
+}
+
 impl BudgetCache {
     /// A cache invalidated by `generation`, which the store writers bump.
     pub fn new(generation: Arc<AtomicU64>) -> BudgetCache {
@@ -840,6 +917,7 @@ fn names<K: Resource>(objs: Vec<Arc<K>>) -> Vec<String> {
 pub type CapacityResolutionOrError = Result<CapacityResolution, String>;
 
 /// The budget of one instance.
+#[derive(Debug, PartialEq)]
 pub struct Budget {
     /// One request per taking-part binding.
     pub requests: Vec<PoolRequest>,
@@ -1004,6 +1082,54 @@ mod tests {
             second.allocation.as_ref().map(|a| a.grants.clone()),
             third.allocation.as_ref().map(|a| a.grants.clone())
         );
+    }
+
+    #[test]
+    fn only_what_a_budget_reads_moves_the_generation() {
+        use watcher::Event;
+        let mut relevance = BudgetRelevance::default();
+        let d = deployment("api", 4);
+        assert!(relevance.observe(&Event::Apply(d.clone())), "a new object");
+        assert!(
+            !relevance.observe(&Event::Apply(d.clone())),
+            "the same again"
+        );
+        // Our own injection into the template, and status: not read by a budget.
+        let mut injected = d.clone();
+        let template = injected
+            .spec
+            .as_mut()
+            .and_then(|s| s.template.spec.as_mut());
+        template.expect("a pod spec").containers[0].image = Some("app:2".into());
+        injected.status = Some(Default::default());
+        assert!(!relevance.observe(&Event::Apply(injected.clone())));
+        // Replicas, labels and deletion are.
+        assert!(relevance.observe(&Event::Apply(deployment("api", 5))));
+        let mut labelled = deployment("api", 5);
+        labelled.metadata.labels = Some([("team".to_owned(), "a".to_owned())].into());
+        assert!(relevance.observe(&Event::Apply(labelled.clone())));
+        let mut deleting = labelled.clone();
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        assert!(relevance.observe(&Event::Apply(deleting)));
+        assert!(relevance.observe(&Event::Delete(labelled)));
+        assert!(relevance.observe(&Event::<Deployment>::Init));
+        assert!(relevance.observe(&Event::<Deployment>::InitDone));
+        // A Knative service's template carries its scale: it counts.
+        let knative = |max: &str| -> crate::workload::KnativeService {
+            serde_json::from_value(json!({
+                "apiVersion": "serving.knative.dev/v1", "kind": "Service",
+                "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"template": {"metadata": {"annotations": {"autoscaling.knative.dev/max-scale": max}},
+                                      "spec": {"containers": [{"image": "app"}]}}}
+            }))
+            .expect("a knative service")
+        };
+        assert!(relevance.observe(&Event::Apply(knative("10"))));
+        assert!(relevance.observe(&Event::Apply(knative("20"))));
+        assert!(!relevance.observe(&Event::Apply(knative("20"))));
     }
 
     #[test]
