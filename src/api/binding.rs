@@ -498,7 +498,8 @@ pub struct CloudSqlBindingStatus {
     /// `injected/matched` workloads, for the printer column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workloads_summary: Option<String>,
-    /// Every matched workload.
+    /// Every matched workload; bare Pods at most 20 (those not injected
+    /// first): `workloadsSummary` and the conditions count them all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workloads: Vec<WorkloadStatus>,
     /// `Ready`, `InstanceResolved`, `WorkloadsBound`, `BudgetFits`.

@@ -459,6 +459,42 @@ async fn sync_all(
     Ok(out)
 }
 
+/// Bare Pods listed one by one in a binding's status, at most: a selector
+/// over bare Pods may match thousands (batch pods, executors), and a status
+/// rewritten with one entry per pod on every pod created would grow towards
+/// etcd's object size limit and load the API server with every admission.
+/// The counts (`workloadsSummary`, the conditions, `pool.maxPods`) cover
+/// every pod; the entries listed are those not injected first.
+pub const MAX_LISTED_PODS: usize = 20;
+
+/// The entries of `status.workloads`: every workload, but at most
+/// [`MAX_LISTED_PODS`] bare Pods, those with a problem first; in the order
+/// given.
+fn listed(workloads: Vec<WorkloadStatus>) -> Vec<WorkloadStatus> {
+    let is_pod = |w: &WorkloadStatus| w.kind == WorkloadKind::Pod.as_str();
+    let pods = workloads.iter().filter(|w| is_pod(w)).count();
+    if pods <= MAX_LISTED_PODS {
+        return workloads;
+    }
+    let mut keep: BTreeSet<usize> = BTreeSet::new();
+    for injected in [false, true] {
+        for (i, w) in workloads.iter().enumerate() {
+            if keep.len() == MAX_LISTED_PODS {
+                break;
+            }
+            if is_pod(w) && w.injected == injected {
+                keep.insert(i);
+            }
+        }
+    }
+    workloads
+        .into_iter()
+        .enumerate()
+        .filter(|(i, w)| !is_pod(w) || keep.contains(i))
+        .map(|(_, w)| w)
+        .collect()
+}
+
 async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, Error> {
     let key = binding_key(&binding);
     let ns = binding.namespace().unwrap_or_default();
@@ -754,7 +790,7 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
             ));
         }
     }
-    status.workloads = workloads;
+    status.workloads = listed(workloads);
     status.conditions = conditions;
 
     if !status_equivalent(&previous, &status) {
@@ -842,4 +878,45 @@ async fn cleanup(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action,
         .instance_trigger
         .send(ObjectRef::new(&binding.spec.instance_ref.name));
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(kind: WorkloadKind, name: &str, injected: bool) -> WorkloadStatus {
+        WorkloadStatus {
+            kind: kind.as_str().to_string(),
+            name: name.to_string(),
+            injected,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_few_pods_are_all_listed() {
+        let all: Vec<_> = (0..MAX_LISTED_PODS)
+            .map(|i| entry(WorkloadKind::Pod, &format!("p{i:03}"), true))
+            .chain([entry(WorkloadKind::Deployment, "api", true)])
+            .collect();
+        assert_eq!(listed(all.clone()), all);
+    }
+
+    #[test]
+    fn many_pods_are_capped_with_the_problems_first_and_other_kinds_kept() {
+        let mut all = vec![entry(WorkloadKind::Deployment, "api", false)];
+        all.extend((0..500).map(|i| entry(WorkloadKind::Pod, &format!("p{i:03}"), i != 400)));
+        all.push(entry(WorkloadKind::StatefulSet, "worker", true));
+        let out = listed(all);
+        let pods: Vec<_> = out.iter().filter(|w| w.kind == "Pod").collect();
+        assert_eq!(pods.len(), MAX_LISTED_PODS);
+        assert!(pods.iter().any(|w| w.name == "p400" && !w.injected));
+        assert_eq!(out.first().map(|w| w.name.as_str()), Some("api"));
+        assert_eq!(out.last().map(|w| w.name.as_str()), Some("worker"));
+        // The order given is kept.
+        let names: Vec<_> = pods.iter().map(|w| w.name.clone()).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+    }
 }
