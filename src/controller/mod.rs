@@ -5,6 +5,7 @@
 //! manager, and writes status only when it says something new.
 
 mod binding;
+pub use binding::MAX_LISTED_PODS;
 mod instance;
 mod subset;
 pub mod world;

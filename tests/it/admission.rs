@@ -853,3 +853,59 @@ async fn webhook_histogram() -> Vec<(f64, f64)> {
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     buckets
 }
+
+// The API server calls back into this process while pods are created: the
+// webhook needs a runtime thread of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_selector_over_many_bare_pods_counts_them_all_and_lists_twenty() {
+    let ns = TestNamespace::new("adm-many-pods", &[]).await;
+    support::install_crds(&ns.client).await;
+    let operator = AdmissionOperator::start(&ns.name, 90 * DAY).await;
+    let instance = TestInstance::create(&ns, 10_000).await;
+    apply_binding(
+        &ns,
+        "batch",
+        &instance.name,
+        json!({"workloads": [{"kind": "Pod", "selector": {"matchLabels": {"db": "orders"}}}]}),
+    )
+    .await;
+    wait_until_injecting(&ns, &pod("probe", json!({"db": "orders"}))).await;
+    let pods = ns.api::<Pod>();
+    let count = cloudsql_binder::controller::MAX_LISTED_PODS + 5;
+    for i in 0..count {
+        let created = pods
+            .create(
+                &PostParams::default(),
+                &pod(&format!("task-{i:02}"), json!({"db": "orders"})),
+            )
+            .await
+            .expect("creating a pod");
+        assert!(injected(&created), "task-{i:02} was not injected");
+    }
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ns.client.clone(), &ns.name, &ar("CloudSqlBinding"));
+    let want = format!("{count}/{count}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let status = api
+            .get("batch")
+            .await
+            .map(|b| serde_json::to_value(b).expect("json")["status"].clone())
+            .unwrap_or_default();
+        if status["workloadsSummary"] == want.as_str() && status["pool"]["maxPods"] == count {
+            let listed = status["workloads"].as_array().map(Vec::len);
+            assert_eq!(
+                listed,
+                Some(cloudsql_binder::controller::MAX_LISTED_PODS),
+                "{status:#}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the binding never counted {want} pods: {status:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    operator.stop().await;
+}
