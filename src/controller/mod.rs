@@ -378,6 +378,51 @@ fn watch_for_knative(
     });
 }
 
+/// How often bindings touched by pod events are reconciled, at most. A
+/// binding over bare Pods counts every pod, so each of its reconciles is
+/// O(pods): one per pod event (every creation, every status change) would
+/// be O(pods²) during a burst and would compete with the admission webhook.
+const POD_TRIGGER_PERIOD: Duration = Duration::from_millis(500);
+
+/// Collects reconcile triggers and sends each at most once per period
+/// (trailing edge: a trigger waits at most one period, never longer, however
+/// often it repeats).
+struct Coalescer {
+    pending: Arc<std::sync::Mutex<std::collections::HashSet<ObjectRef<CloudSqlBinding>>>>,
+}
+
+impl Coalescer {
+    fn spawn(tx: broadcast::Sender<ObjectRef<CloudSqlBinding>>, period: Duration) -> Coalescer {
+        let pending: Arc<std::sync::Mutex<std::collections::HashSet<_>>> = Arc::default();
+        let weak = Arc::downgrade(&pending);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // Gone with its reflector: stop.
+                let Some(pending) = weak.upgrade() else {
+                    return;
+                };
+                let due: Vec<_> = match pending.lock() {
+                    Ok(mut set) => set.drain().collect(),
+                    Err(_) => return,
+                };
+                for r in due {
+                    let _ = tx.send(r);
+                }
+            }
+        });
+        Coalescer { pending }
+    }
+
+    fn add(&self, r: ObjectRef<CloudSqlBinding>) {
+        if let Ok(mut set) = self.pending.lock() {
+            set.insert(r);
+        }
+    }
+}
+
 /// Capacity of the trigger channels. A controller that falls further behind
 /// than this resyncs every object (see `triggers`).
 const TRIGGER_CAPACITY: usize = 16_384;
@@ -446,7 +491,7 @@ impl Cluster {
                 }
             },
         );
-        let pod_tx = binding_tx.clone();
+        let pod_triggers = Coalescer::spawn(binding_tx.clone(), POD_TRIGGER_PERIOD);
         let pod_cell = stores_cell.clone();
         let pods = spawn_metadata_reflector(
             Api::<kube::api::PartialObjectMeta<Pod>>::all(client.clone()),
@@ -461,7 +506,7 @@ impl Cluster {
                         &pod.name_any(),
                         pod.metadata.labels.as_ref(),
                     ) {
-                        let _ = pod_tx.send(r);
+                        pod_triggers.add(r);
                     }
                 }
             },
@@ -706,4 +751,43 @@ where
 /// Requeue delay after an error (the controller adds its own backoff per object).
 pub(crate) fn retry_after(_err: &Error) -> Action {
     Action::requeue(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_burst_of_pod_triggers_is_one_reconcile_per_period_per_binding() {
+        let (tx, mut rx) = broadcast::channel(64);
+        let period = Duration::from_millis(100);
+        let coalescer = Coalescer::spawn(tx, period);
+        let a = ObjectRef::<CloudSqlBinding>::new("a").within("shop");
+        let b = ObjectRef::<CloudSqlBinding>::new("b").within("shop");
+        for _ in 0..50 {
+            coalescer.add(a.clone());
+            coalescer.add(b.clone());
+        }
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let r = tokio::time::timeout(4 * period, rx.recv())
+                .await
+                .expect("sent within a period or so")
+                .expect("a trigger");
+            got.push(r.name);
+        }
+        got.sort();
+        assert_eq!(got, ["a", "b"]);
+        // Nothing more until something new comes.
+        assert!(
+            tokio::time::timeout(3 * period, rx.recv()).await.is_err(),
+            "a repeated trigger was sent twice"
+        );
+        coalescer.add(a.clone());
+        let r = tokio::time::timeout(4 * period, rx.recv())
+            .await
+            .expect("sent again")
+            .expect("a trigger");
+        assert_eq!(r.name, "a");
+    }
 }
