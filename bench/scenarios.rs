@@ -1262,6 +1262,34 @@ pub async fn footprint(
     Ok(record)
 }
 
+/// Waits (at most 60 s) until the API server calls a webhook that injects a
+/// Pod labelled `app`, probing with dry-run creations (nothing is stored): a
+/// webhook configuration the API server has not picked up yet, or an
+/// operator whose caches lack the binding, would leave the first timed Pods
+/// uninjected and make them look fast. Whether it got there.
+async fn until_injecting(cluster: &Cluster, ns: &str, app: &str) -> anyhow::Result<bool> {
+    let pods: Api<DynamicObject> = api(cluster, ns, &objects::pods());
+    let probe: DynamicObject = serde_json::from_value(objects::pod("probe", app))?;
+    let dry_run = PostParams {
+        dry_run: true,
+        field_manager: None,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match pods.create(&dry_run, &probe).await {
+            Ok(p) if track::pod_injected(&p) => return Ok(true),
+            Ok(_) => {}
+            // A webhook that refuses dry runs: the timed pods will tell.
+            Err(kube::Error::Api(status)) if status.code == 400 => return Ok(false),
+            Err(_) => {}
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Creates `count` Pods one after the other; returns each creation's latency
 /// (ms) and how many came back injected.
 async fn timed_pods(
@@ -1397,6 +1425,9 @@ pub async fn admission_binder(ctx: &Ctx, count: usize) -> anyhow::Result<Record>
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    if !until_injecting(&cluster, NS, "admitted").await? {
+        record.note("admission cloudsql-binder: no dry-run Pod came back injected within 60 s");
+    }
     let (latencies, injected) = timed_pods(&cluster, NS, "admitted", "admitted", count).await?;
     record_latencies(&mut record, "admission.binder", &latencies, injected);
     if injected == 0 {
@@ -1438,6 +1469,9 @@ pub async fn admission_google(ctx: &Ctx, count: usize) -> anyhow::Result<Record>
     .context("creating the Pod AuthProxyWorkload")?;
     if watch.finish().await.done_at.is_none() {
         record.note("admission google: its AuthProxyWorkload never became UpToDate");
+    }
+    if !until_injecting(&cluster, NS, "admitted").await? {
+        record.note("admission google: no dry-run Pod came back injected within 60 s");
     }
     let (latencies, injected) = timed_pods(&cluster, NS, "admitted", "admitted", count).await?;
     record_latencies(&mut record, "admission.google", &latencies, injected);
