@@ -287,34 +287,8 @@ where
         + Sync
         + 'static,
 {
-    let (reader, writer) = reflector::store();
-    // This stream's own mark: set before the reflector applies an event, taken
-    // after it did (events pass one at a time).
-    let pending = Arc::new(AtomicBool::new(false));
-    let stream = reflector(
-        writer,
-        budget_relevance(
-            watcher(api, watcher::Config::default().any_semantic()).modify(trim),
-            pending.clone(),
-        ),
-    )
-    // After the event reached the store (see `world::BudgetCache`).
-    .inspect(move |_| {
-        if pending.swap(false, Ordering::AcqRel) {
-            generation.fetch_add(1, Ordering::Release);
-        }
-    })
-    .default_backoff()
-    .touched_objects();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(obj) => on_change(&obj),
-                Err(err) => warn!(kind = %K::kind(&()), error = %err, "watch error"),
-            }
-        }
-    });
+    let (reader, stream) = reflect(api, generation);
+    spawn_forwarder(stream, on_change);
     reader
 }
 

@@ -447,12 +447,7 @@ impl Stores {
 
     /// Bindings of an instance, in key order.
     pub fn bindings_of(&self, instance: &str) -> Vec<Arc<CloudSqlBinding>> {
-        let mut out: Vec<_> = self
-            .bindings
-            .state()
-            .into_iter()
-            .filter(|b| b.spec.instance_ref.name == instance)
-            .collect();
+        let mut out = self.bindings_of_any_order(instance);
         out.sort_by(by_key);
         out
     }
