@@ -107,8 +107,15 @@ kubectl apply --server-side --force-conflicts --field-manager=cloudsql-binder-de
 knative_crd="$(bash "$here/knative-crd.sh")" || fail "fetching the Knative Service CRD failed"
 say "installing the Knative Serving Service CRD (for examples/40-cloud-run-service.yaml)"
 kubectl apply --server-side --force-conflicts --field-manager=cloudsql-binder-demo -f "$knative_crd" >/dev/null
-kubectl wait --for=condition=Established --timeout=60s \
-  crd/cloudsqlinstances.cloudsql.dev crd/cloudsqlbindings.cloudsql.dev crd/services.serving.knative.dev >/dev/null
+# Poll rather than `kubectl wait`: a CRD created a moment ago has `status.conditions: null`,
+# which kubectl wait reports as an error instead of waiting.
+for crd in cloudsqlinstances.cloudsql.dev cloudsqlbindings.cloudsql.dev services.serving.knative.dev; do
+  deadline=$((SECONDS + 60))
+  until [[ "$(kubectl get crd "$crd" -o jsonpath='{.status.conditions[?(@.type=="Established")].status}' 2>/dev/null)" == True ]]; do
+    ((SECONDS < deadline)) || fail "CRD $crd did not become Established within 60s"
+    sleep 0.5
+  done
+done
 
 say "installing the chart (release $release in namespace $operator_ns; 0 replicas, no webhook: no kubelet here)"
 kubectl create namespace "$operator_ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null

@@ -180,28 +180,34 @@ pub async fn install_crds(client: &Client) {
         )
         .await
         .expect("applying a CRD");
-        let crds = crds.clone();
-        eventually(
-            Duration::from_secs(30),
-            &format!("CRD {name} Established"),
-            || {
-                let crds = crds.clone();
-                let name = name.clone();
-                async move {
-                    crds.get(&name)
-                        .await
-                        .ok()
-                        .and_then(|c| c.status)
-                        .and_then(|s| s.conditions)
-                        .is_some_and(|cs| {
-                            cs.iter()
-                                .any(|c| c.type_ == "Established" && c.status == "True")
-                        })
-                }
-            },
-        )
-        .await;
+        wait_established(&crds, &name).await;
     }
+}
+
+/// Waits until the named CRD is Established. Polls the object itself: right after a create its
+/// `status.conditions` is `null` until the API server's establishing controller runs, which
+/// `kubectl wait --for=condition=Established` reports as an error instead of waiting.
+pub async fn wait_established(crds: &Api<CustomResourceDefinition>, name: &str) {
+    eventually(
+        Duration::from_secs(60),
+        &format!("CRD {name} Established"),
+        || {
+            let crds = crds.clone();
+            let name = name.to_string();
+            async move {
+                crds.get(&name)
+                    .await
+                    .ok()
+                    .and_then(|c| c.status)
+                    .and_then(|s| s.conditions)
+                    .is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    })
+            }
+        },
+    )
+    .await;
 }
 
 /// Runs kubectl against the test control plane; returns (success, stdout, stderr).
@@ -249,19 +255,7 @@ pub async fn install_knative_serving_crd() {
         None,
     );
     assert!(ok, "installing the Knative Service CRD: {err}");
-    let (ok, _, err) = kubectl(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/services.serving.knative.dev",
-        ],
-        None,
-    );
-    assert!(
-        ok,
-        "the Knative Service CRD did not become Established: {err}"
-    );
+    wait_established(&Api::all(client().await), "services.serving.knative.dev").await;
 }
 
 /// The operator running in this test process, limited to the given namespaces.
