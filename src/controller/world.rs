@@ -364,9 +364,19 @@ impl Stores {
 
     /// Every workload a binding selects now, deduplicated and sorted.
     pub fn selected(&self, binding: &CloudSqlBinding) -> Vec<WorkloadId> {
+        self.selected_where(binding, |_| true)
+    }
+
+    /// What the entries of `binding` that `keep` accepts select now,
+    /// deduplicated and sorted.
+    fn selected_where(
+        &self,
+        binding: &CloudSqlBinding,
+        keep: impl Fn(&WorkloadSelector) -> bool,
+    ) -> Vec<WorkloadId> {
         let ns = binding.namespace().unwrap_or_default();
         let mut out = Vec::new();
-        for entry in &binding.spec.workloads {
+        for entry in binding.spec.workloads.iter().filter(|e| keep(e)) {
             let names: Vec<String> = match entry.kind {
                 WorkloadKind::Deployment => names(select(&self.deployments, &ns, entry)),
                 WorkloadKind::StatefulSet => names(select(&self.stateful_sets, &ns, entry)),
@@ -551,6 +561,43 @@ impl Stores {
         (total, per)
     }
 
+    /// The total of [`Stores::binding_max_pods`] without its per-workload
+    /// list: what a budget reads. Bare Pods under a label selector (one pod
+    /// each) are counted in place rather than listed, named and looked up
+    /// again: a budget over such a binding is recomputed on every Pod
+    /// created, and the binding may select thousands.
+    pub fn binding_max_pods_total(&self, binding: &CloudSqlBinding) -> u32 {
+        let mut pod_entries = binding
+            .spec
+            .workloads
+            .iter()
+            .filter(|e| e.kind == WorkloadKind::Pod);
+        // With one Pod entry no pod can be counted twice; with more the
+        // listing deduplicates them.
+        let (Some(entry), None) = (pod_entries.next(), pod_entries.next()) else {
+            return self.binding_max_pods(binding).0;
+        };
+        let (None, Some(selector)) = (&entry.name, &entry.selector) else {
+            return self.binding_max_pods(binding).0;
+        };
+        let ns = binding.metadata.namespace.as_deref().unwrap_or_default();
+        let pods = self
+            .pods
+            .state()
+            .iter()
+            .filter(|p| p.metadata.namespace.as_deref() == Some(ns))
+            .filter(|p| selector_matches(selector, p.metadata.labels.as_ref()))
+            .count();
+        let pod = budget::max_pods::pod().count;
+        self.selected_where(binding, |e| e.kind != WorkloadKind::Pod)
+            .iter()
+            .filter_map(|id| self.max_pods(id))
+            .fold(
+                u32::try_from(pods).unwrap_or(u32::MAX).saturating_mul(pod),
+                |acc, m| acc.saturating_add(m.count),
+            )
+    }
+
     /// The instance's capacity, from its spec and (later) what discovery found.
     pub fn capacity(
         &self,
@@ -603,7 +650,7 @@ impl Stores {
             if !matches!(self.eligibility(&binding), Eligibility::Eligible(_)) {
                 continue;
             }
-            let (pods, _) = self.binding_max_pods(&binding);
+            let pods = self.binding_max_pods_total(&binding);
             let pool = &binding.spec.pool;
             let key = binding_key(&binding);
             max_pods.insert(key.clone(), pods);
@@ -1125,6 +1172,54 @@ mod tests {
         assert!(relevance.observe(&Event::Apply(knative("10"))));
         assert!(relevance.observe(&Event::Apply(knative("20"))));
         assert!(!relevance.observe(&Event::Apply(knative("20"))));
+    }
+
+    fn labelled_pod(ns: &str, name: &str, tier: &str) -> PartialObjectMeta<Pod> {
+        serde_json::from_value(json!({
+            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+            "metadata": {"name": name, "namespace": ns, "labels": {"tier": tier}}
+        }))
+        .expect("a pod's metadata")
+    }
+
+    proptest! {
+        // The count-in-place total is the listing's sum, whatever mix of
+        // entries (overlapping Pod entries, named pods, other namespaces).
+        #[test]
+        fn the_max_pods_total_is_the_sum_of_the_listing(
+            pods in proptest::collection::vec((0..2usize, 0..3usize), 0..12),
+            entries in proptest::collection::vec(0..5usize, 1..4),
+        ) {
+            let (stores, mut w) = Stores::for_tests();
+            let tiers = ["web", "worker", "batch"];
+            for (i, (ns, tier)) in pods.iter().enumerate() {
+                let ns = ["shop", "other"][*ns];
+                w.pods.apply_watcher_event(&watcher::Event::Apply(
+                    labelled_pod(ns, &format!("p{i}"), tiers[*tier]),
+                ));
+            }
+            w.deployments.apply_watcher_event(&watcher::Event::Apply(deployment("api", 3)));
+            let entries: Vec<_> = entries
+                .iter()
+                .map(|e| match e {
+                    0 => json!({"kind": "Pod", "selector": {"matchLabels": {"tier": "web"}}}),
+                    1 => json!({"kind": "Pod", "selector": {"matchExpressions": [
+                        {"key": "tier", "operator": "In", "values": ["web", "worker"]}]}}),
+                    2 => json!({"kind": "Pod", "name": "p0"}),
+                    3 => json!({"kind": "Deployment", "name": "api"}),
+                    _ => json!({"kind": "Deployment", "selector": {"matchLabels": {"app": "api"}}}),
+                })
+                .collect();
+            let b: CloudSqlBinding = serde_json::from_value(json!({
+                "apiVersion": "cloudsql.dev/v1alpha1", "kind": "CloudSqlBinding",
+                "metadata": {"name": "b", "namespace": "shop"},
+                "spec": {"instanceRef": {"name": "orders"},
+                         "database": {"name": "orders", "user": "app"},
+                         "workloads": entries}
+            }))
+            .expect("a binding");
+            prop_assert_eq!(stores.binding_max_pods_total(&b), stores.binding_max_pods(&b).0);
+        }
     }
 
     #[test]

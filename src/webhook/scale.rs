@@ -230,7 +230,7 @@ fn needed(
             continue;
         }
         let per_pod = u64::try_from(binding.spec.pool.max_per_pod).unwrap_or(0);
-        let (pods_before, _) = stores.binding_max_pods(&binding);
+        let pods_before = stores.binding_max_pods_total(&binding);
         before += per_pod * u64::from(pods_before);
         let pods_after: u64 = selected_after(stores, &binding, target, target_labels)
             .iter()
