@@ -291,11 +291,10 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         _ = shutdown.clone() => return Ok(()),
     };
     readiness.set_ready();
-    // The admission webhook: every replica serves it from its caches. The
-    // certificate manager is the leader's job; until leader election takes it
-    // over it runs on every replica (its Secret writes are guarded by the
-    // resourceVersion, so two managers never both rotate).
-    if let (Some(webhook), Some(listener)) = (webhook, webhook_listener) {
+    // The admission webhook: every replica serves it from its caches and the
+    // certificate its Secret holds. Writing that Secret and the webhook
+    // configurations' caBundle is the leader's job, with the controllers.
+    if let (Some(webhook), Some(listener)) = (&webhook, webhook_listener) {
         let serving = cloudsql_binder::webhook::serve_on(
             listener,
             client.clone(),
@@ -308,41 +307,65 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
                 tracing::error!(error = %err, "the admission webhook failed");
             }
         });
-        let certificates = cloudsql_binder::webhook::run_certificate_manager(
-            client.clone(),
-            webhook,
-            shutdown.clone(),
-        );
-        tokio::spawn(async move {
-            if let Err(err) = certificates.await {
-                tracing::error!(error = %err, "the webhook certificate manager failed");
-            }
-        });
     }
+    let lease_client = client.clone();
+    let leading = move |stop: futures::future::BoxFuture<'static, ()>| {
+        lead(
+            client.clone(),
+            cluster.clone(),
+            options.clone(),
+            metrics.clone(),
+            webhook.clone(),
+            stop,
+        )
+    };
     if args.leader_election {
         let lease = leader::LeaseConfig {
             namespace: args.leader_election_namespace,
             name: args.leader_election_lease,
             identity: leader::default_identity(),
         };
-        leader::run(client.clone(), lease, shutdown.clone(), move |stop| {
-            controller::run_controllers(
-                client.clone(),
-                cluster.clone(),
-                options.clone(),
-                metrics.clone(),
-                stop,
-            )
+        leader::run(lease_client, lease, shutdown.clone(), move |stop| {
+            leading(stop.boxed())
         })
         .await;
     } else {
-        controller::run_controllers(client, cluster, options, metrics, shutdown).await;
+        leading(shutdown.clone().boxed()).await;
     }
     match admin.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(err)) => Err(err).context(format!("serving metrics on {}", args.metrics_addr)),
         Err(err) => Err(err).context("the metrics server panicked"),
     }
+}
+
+/// What the leader runs until `stop`: the controllers and, with a webhook,
+/// its certificate manager (one writer of the Secret and the caBundle).
+async fn lead(
+    client: kube::Client,
+    cluster: std::sync::Arc<cloudsql_binder::controller::Cluster>,
+    options: cloudsql_binder::controller::Options,
+    metrics: std::sync::Arc<cloudsql_binder::telemetry::Metrics>,
+    webhook: Option<cloudsql_binder::webhook::WebhookOptions>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use futures::FutureExt;
+    let stop = stop.boxed().shared();
+    let certificates = {
+        let (client, stop) = (client.clone(), stop.clone());
+        async move {
+            let Some(webhook) = webhook else { return };
+            if let Err(err) =
+                cloudsql_binder::webhook::run_certificate_manager(client, webhook, stop).await
+            {
+                tracing::error!(error = %err, "the webhook certificate manager failed");
+            }
+        }
+    };
+    tokio::join!(
+        cloudsql_binder::controller::run_controllers(client, cluster, options, metrics, stop),
+        certificates
+    );
 }
 
 /// `cloudsql-binder render --help`.

@@ -741,23 +741,39 @@ async fn the_charts_rbac_is_enough_for_the_webhook_certificates() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let kubeconfig = service_account_kubeconfig(dir.path(), &ns.name, &name);
 
-    // Exactly the arguments the chart gives the operator, but for the
-    // addresses: two local ports.
+    // Two replicas with exactly the arguments the chart gives the operator,
+    // but for the addresses: local ports.
     let set = values.join(",");
     let mut args = rendered_args_for(&release.name, &ns.name, &["--set", &set]);
-    args.retain(|a| !a.starts_with("--metrics-addr="));
-    for arg in args.iter_mut() {
-        if arg.starts_with("--webhook-listen=") {
-            *arg = format!("--webhook-listen=127.0.0.1:{}", free_port());
-        }
-    }
+    args.retain(|a| !a.starts_with("--metrics-addr=") && !a.starts_with("--webhook-listen="));
     assert!(
         args.iter().any(|a| a.starts_with("--webhook-service=")),
         "the chart renders no webhook args: {args:?}"
     );
-    let mut operator =
-        OperatorProcess::start_with("chart-webhook-op", &kubeconfig, &args, dir.path());
+    let start = |identity: &str| {
+        let port = free_port();
+        let mut args = args.clone();
+        args.push(format!("--webhook-listen=127.0.0.1:{port}"));
+        (
+            OperatorProcess::start_with(identity, &kubeconfig, &args, dir.path()),
+            port,
+        )
+    };
+    let (mut operator, _) = start("chart-webhook-op");
     operator.wait_ready().await;
+    // The first is the leader before the second starts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !operator.log().contains("became the leader") {
+        operator.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "the first replica never led; log:\n{}",
+            operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (mut follower, follower_port) = start("chart-webhook-follower");
+    follower.wait_ready().await;
 
     // The operator created its certificate Secret and wrote its CA into every
     // webhook of both configurations the chart installed.
@@ -798,16 +814,73 @@ async fn the_charts_rbac_is_enough_for_the_webhook_certificates() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let log = operator.log();
-    assert!(
-        !log.to_lowercase().contains("forbidden"),
-        "the operator hit an RBAC denial; its log:\n{log}"
+
+    // The follower serves the leader's certificate, which the caBundle trusts,
+    // under the Service's name; it issued nothing itself.
+    let (_, ca, _) = support::kubectl(
+        &[
+            "get",
+            "secret",
+            &secret,
+            "-n",
+            &ns.name,
+            "-o",
+            "jsonpath={.data.ca\\.crt}",
+        ],
+        None,
     );
-    operator.terminate();
-    let status = operator.wait_exit(Duration::from_secs(20)).await;
+    let ca = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, ca.trim())
+        .expect("ca.crt is base64");
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca).expect("writing ca.crt");
+    let host = format!("{name}.{}.svc", ns.name);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        follower.assert_running();
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(&ca_file)
+            .arg("--connect-to")
+            .arg(format!("{host}:443:127.0.0.1:{follower_port}"))
+            .arg(format!("https://{host}/healthz"))
+            .output()
+            .expect("running curl");
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower does not serve a certificate the caBundle trusts for {host}: {}; log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            follower.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (leader_log, follower_log) = (operator.log(), follower.log());
     assert!(
-        status.success(),
-        "the operator exited with {status}; log:\n{}",
-        operator.log()
+        leader_log.contains("webhook serving certificate issued"),
+        "the leader issued no certificate; log:\n{leader_log}"
     );
+    for (who, log) in [("leader", &leader_log), ("follower", &follower_log)] {
+        assert!(
+            !log.to_lowercase().contains("forbidden"),
+            "the {who} hit an RBAC denial; its log:\n{log}"
+        );
+    }
+    assert!(
+        !follower_log.contains("became the leader")
+            && !follower_log.contains("certificate issued")
+            && !follower_log.contains("applied the webhook configuration"),
+        "the follower wrote webhook certificates or configurations; log:\n{follower_log}"
+    );
+    for mut replica in [follower, operator] {
+        replica.terminate();
+        let status = replica.wait_exit(Duration::from_secs(20)).await;
+        assert!(
+            status.success(),
+            "replica {} exited with {status}; log:\n{}",
+            replica.identity,
+            replica.log()
+        );
+    }
 }
