@@ -300,6 +300,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             client.clone(),
             cluster.clone(),
             webhook.clone(),
+            metrics.clone(),
             shutdown.clone(),
         );
         tokio::spawn(async move {

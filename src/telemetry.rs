@@ -43,6 +43,23 @@ pub struct InstanceLabel {
     pub instance: String,
 }
 
+/// Label of admission webhook requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabel {
+    /// The webhook's path without the slash: `mutate-pods`, `validate-bindings`, `validate-scale`.
+    pub webhook: String,
+    /// `allowed` (unchanged), `patched`, `warned` (allowed with warnings),
+    /// `denied`, `bad_request` (not a review we can answer), `failed` (a bug).
+    pub outcome: String,
+}
+
+/// Label of admission latency histograms.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabel {
+    /// As in [`AdmissionLabel::webhook`].
+    pub webhook: String,
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     registry: Registry,
@@ -58,6 +75,10 @@ pub struct Metrics {
     pub usable: Family<InstanceLabel, Gauge>,
     /// Allocated connections per instance.
     pub allocated: Family<InstanceLabel, Gauge>,
+    /// Admission requests answered, by webhook and outcome.
+    pub admissions: Family<AdmissionLabel, Counter>,
+    /// Time to answer an admission request (body read to answer), by webhook.
+    pub admission_durations: Family<WebhookLabel, Histogram>,
 }
 
 impl Default for Metrics {
@@ -93,6 +114,21 @@ impl Default for Metrics {
             "Connections granted to bound workloads (grant x max pods)",
             allocated.clone(),
         );
+        let admissions = Family::<AdmissionLabel, Counter>::default();
+        // From 100 µs: an answer from the caches takes well under a millisecond.
+        let admission_durations = Family::<WebhookLabel, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.0001, 2.0, 16))) as fn() -> Histogram,
+        );
+        registry.register(
+            "admission_requests",
+            "Admission requests answered by the webhook",
+            admissions.clone(),
+        );
+        registry.register(
+            "admission_duration_seconds",
+            "Time the webhook took to answer, from the body read to the answer",
+            admission_durations.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -101,6 +137,8 @@ impl Default for Metrics {
             writes,
             usable,
             allocated,
+            admissions,
+            admission_durations,
         }
     }
 }
@@ -114,6 +152,22 @@ impl Metrics {
                 verb: verb.to_string(),
             })
             .inc();
+    }
+
+    /// Records one admission request answered by `webhook` with `outcome`,
+    /// which took `seconds`.
+    pub fn admission(&self, webhook: &str, outcome: &str, seconds: f64) {
+        self.admissions
+            .get_or_create(&AdmissionLabel {
+                webhook: webhook.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        self.admission_durations
+            .get_or_create(&WebhookLabel {
+                webhook: webhook.to_owned(),
+            })
+            .observe(seconds);
     }
 
     /// Starts timing a reconcile; the duration is recorded when the guard drops.

@@ -24,6 +24,8 @@ pub struct AdmissionContext {
     pub caps: TargetCapabilities,
     /// The webhook's options.
     pub options: WebhookOptions,
+    /// Where answered requests are counted (none in unit tests).
+    pub metrics: Option<std::sync::Arc<crate::telemetry::Metrics>>,
 }
 
 /// The webhooks served, by path.
@@ -45,6 +47,11 @@ impl Route {
         Route::ValidateBindings,
         Route::ValidateScale,
     ];
+
+    /// The route's name in metrics: its path without the slash.
+    pub fn name(self) -> &'static str {
+        self.path().trim_start_matches('/')
+    }
 
     /// The URL path of the route.
     pub fn path(self) -> &'static str {
@@ -80,11 +87,57 @@ pub enum ReviewError {
     NoRequest,
 }
 
+/// What an answer did, for the `admission_requests` metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Allowed unchanged, no warning.
+    Allowed,
+    /// Allowed with a patch (a Pod injected).
+    Patched,
+    /// Allowed with warnings and no patch.
+    Warned,
+    /// Denied.
+    Denied,
+}
+
+impl Outcome {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Patched => "patched",
+            Outcome::Warned => "warned",
+            Outcome::Denied => "denied",
+        }
+    }
+
+    fn of(response: &AdmissionResponse) -> Outcome {
+        if !response.allowed {
+            Outcome::Denied
+        } else if response.patch.is_some() {
+            Outcome::Patched
+        } else if response.warnings.as_ref().is_some_and(|w| !w.is_empty()) {
+            Outcome::Warned
+        } else {
+            Outcome::Allowed
+        }
+    }
+}
+
 /// Answers one AdmissionReview (the request body) on `route`, returning the
 /// response body. Never panics, whatever the input; a body that is not a
 /// review (or too large) is an error for an HTTP 400. Webhook decisions (a
 /// denied binding, say) are successful answers.
 pub fn review(route: Route, body: &[u8], ctx: &AdmissionContext) -> Result<Vec<u8>, ReviewError> {
+    answer(route, body, ctx).map(|(body, _)| body)
+}
+
+/// [`review`], with what the answer did.
+pub fn answer(
+    route: Route,
+    body: &[u8],
+    ctx: &AdmissionContext,
+) -> Result<(Vec<u8>, Outcome), ReviewError> {
     if body.len() > MAX_REVIEW_BYTES {
         return Err(ReviewError::TooLarge {
             size: body.len(),
@@ -105,12 +158,14 @@ pub fn review(route: Route, body: &[u8], ctx: &AdmissionContext) -> Result<Vec<u
             super::scale::warn(&request, ctx)
         }
     };
+    let outcome = Outcome::of(&response);
     // An AdmissionReview of plain strings, maps and a byte patch always
     // serializes; an empty answer would be an HTTP 500 by the server anyway.
-    serde_json::to_vec(&response.into_review()).map_err(|e| ReviewError::Malformed {
+    let body = serde_json::to_vec(&response.into_review()).map_err(|e| ReviewError::Malformed {
         route: route.path(),
         reason: e.to_string(),
-    })
+    })?;
+    Ok((body, outcome))
 }
 
 fn request<T>(route: Route, body: &[u8]) -> Result<AdmissionRequest<T>, ReviewError>

@@ -25,10 +25,11 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use super::review::{AdmissionContext, ReviewError, Route, review};
+use super::review::{AdmissionContext, ReviewError, Route, answer};
 use super::tls::{ReloadingResolver, certified_key, server_config};
 use super::{Error, MAX_REVIEW_BYTES, WebhookOptions};
 use crate::controller::Cluster;
+use crate::telemetry::Metrics;
 
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,6 +42,7 @@ pub async fn serve(
     client: Client,
     cluster: Arc<Cluster>,
     options: WebhookOptions,
+    metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let listener = TcpListener::bind(options.listen)
@@ -49,7 +51,7 @@ pub async fn serve(
             addr: options.listen,
             source,
         })?;
-    serve_on(listener, client, cluster, options, shutdown).await
+    serve_on(listener, client, cluster, options, metrics, shutdown).await
 }
 
 /// [`serve`] on a listener already bound (tests bind port 0 first).
@@ -58,6 +60,7 @@ pub async fn serve_on(
     client: Client,
     cluster: Arc<Cluster>,
     options: WebhookOptions,
+    metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let resolver = Arc::new(ReloadingResolver::default());
@@ -71,6 +74,7 @@ pub async fn serve_on(
         stores: cluster.stores.clone(),
         caps: cluster.caps,
         options: options.clone(),
+        metrics: Some(metrics),
     });
     let router = router(ctx);
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -140,6 +144,16 @@ fn router(ctx: Arc<AdmissionContext>) -> Router {
 }
 
 async fn handle(ctx: Arc<AdmissionContext>, route: Route, body: Body) -> Response {
+    let started = std::time::Instant::now();
+    let (response, outcome) = respond(&ctx, route, body).await;
+    if let Some(metrics) = &ctx.metrics {
+        metrics.admission(route.name(), outcome, started.elapsed().as_secs_f64());
+    }
+    response
+}
+
+/// The HTTP answer to one request, and its outcome label.
+async fn respond(ctx: &AdmissionContext, route: Route, body: Body) -> (Response, &'static str) {
     let bytes = match axum::body::to_bytes(body, MAX_REVIEW_BYTES).await {
         Ok(bytes) => bytes,
         Err(err) => {
@@ -148,24 +162,36 @@ async fn handle(ctx: Arc<AdmissionContext>, route: Route, body: Body) -> Respons
                 limit: MAX_REVIEW_BYTES,
             };
             debug!(error = %err, "webhook: cannot read the request body");
-            return (StatusCode::BAD_REQUEST, format!("{message} ({err})")).into_response();
+            return (
+                (StatusCode::BAD_REQUEST, format!("{message} ({err})")).into_response(),
+                "bad_request",
+            );
         }
     };
     // `review` never panics by design (and by property test); should it
     // still, one request fails, not the connection or the server.
-    match std::panic::catch_unwind(AssertUnwindSafe(|| review(route, &bytes, &ctx))) {
-        Ok(Ok(answer)) => (
-            StatusCode::OK,
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            answer,
-        )
-            .into_response(),
-        Ok(Err(err)) => (StatusCode::BAD_REQUEST, err.to_string()).into_response(),
+    match std::panic::catch_unwind(AssertUnwindSafe(|| answer(route, &bytes, ctx))) {
+        Ok(Ok((answer, outcome))) => (
+            (
+                StatusCode::OK,
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                answer,
+            )
+                .into_response(),
+            outcome.label(),
+        ),
+        Ok(Err(err)) => (
+            (StatusCode::BAD_REQUEST, err.to_string()).into_response(),
+            "bad_request",
+        ),
         Err(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the webhook failed on this request",
-        )
-            .into_response(),
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the webhook failed on this request",
+            )
+                .into_response(),
+            "failed",
+        ),
     }
 }
 

@@ -80,6 +80,7 @@ fn context(setup: impl FnOnce(&mut TestWriters)) -> AdmissionContext {
             native_sidecars: true,
         },
         options: options(),
+        metrics: None,
     }
 }
 

@@ -269,6 +269,23 @@ async fn bare_pods_and_the_pods_of_a_job_are_injected_at_creation_and_opted_out_
     // The binding of the Job is Ready through admission.
     let ready = wait_for_reason(&ns, "migrate", "Ready", "Bound").await;
     assert_eq!(ready["status"], "True");
+
+    // /metrics tells the story: the Pods injected (the probe, the bare pod,
+    // the Job's pod), each answer timed. (The opted-out pod never reaches the
+    // webhook: the configuration's objectSelector leaves it out.)
+    let text = operator.metrics.encode();
+    let patched = cloudsql_binder::telemetry::parse_total(
+        &text,
+        "cloudsql_binder_admission_requests_total{webhook=\"mutate-pods\",outcome=\"patched\"}",
+    );
+    assert!(patched >= 3, "patched pods in /metrics:\n{text}");
+    let answered =
+        cloudsql_binder::telemetry::parse_total(&text, "cloudsql_binder_admission_requests_total");
+    let timed = cloudsql_binder::telemetry::parse_total(
+        &text,
+        "cloudsql_binder_admission_duration_seconds_count",
+    );
+    assert_eq!(answered, timed, "every answer timed:\n{text}");
     operator.stop().await;
 }
 
@@ -594,6 +611,7 @@ async fn any_pod_review_gets_an_answer_whose_patch_applies_or_a_clean_error() {
             native_sidecars: true,
         },
         options: operator.options.clone(),
+        metrics: None,
     };
     let namespace = ns.name.clone();
     let review_of = move |object: Value| -> Vec<u8> {
@@ -743,6 +761,7 @@ async fn webhook_latency_over_1000_pod_creations() {
             native_sidecars: true,
         },
         options: operator.options.clone(),
+        metrics: None,
     };
     let body = serde_json::to_vec(
         &json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",

@@ -334,6 +334,8 @@ impl Drop for Operator {
 /// webhooks; they are deleted when the operator is dropped.
 pub struct AdmissionOperator {
     pub options: cloudsql_binder::webhook::WebhookOptions,
+    /// The metrics of its controllers and webhook.
+    pub metrics: std::sync::Arc<cloudsql_binder::telemetry::Metrics>,
     client: Client,
     cluster: std::sync::Arc<cloudsql_binder::controller::Cluster>,
     tasks: Vec<(
@@ -376,6 +378,7 @@ impl AdmissionOperator {
         };
         let mut operator = AdmissionOperator {
             options: options.clone(),
+            metrics: metrics.clone(),
             client: client.clone(),
             cluster: cluster.clone(),
             tasks: Vec::new(),
@@ -386,7 +389,7 @@ impl AdmissionOperator {
             client.clone(),
             cluster.clone(),
             controller_options,
-            metrics,
+            metrics.clone(),
             async move {
                 let _ = rx.await;
             },
@@ -412,6 +415,7 @@ impl AdmissionOperator {
             self.client.clone(),
             self.cluster.clone(),
             self.options.clone(),
+            self.metrics.clone(),
             async move {
                 let _ = rx.await;
             },
