@@ -1334,6 +1334,18 @@ fn record_latencies(record: &mut Record, prefix: &str, latencies: &[f64], inject
     );
 }
 
+/// The mean time the operator's own handler took per Pod admission (ms),
+/// from its latency histogram `<histogram>_sum` / `_count` over the webhooks
+/// whose `webhook` label `pods` keeps: what of the creation latency is the
+/// handler, the rest being the API server, its call and TLS.
+async fn handler_mean_ms(url: &str, histogram: &str, pods: impl Fn(&str) -> bool) -> Option<f64> {
+    let samples = scrape(url).await.ok()?;
+    let keep = |l: &BTreeMap<String, String>| l.get("webhook").is_some_and(|w| pods(w));
+    let sum = stats::sum(&samples, &format!("{histogram}_sum"), keep);
+    let count = stats::sum(&samples, &format!("{histogram}_count"), keep);
+    (count > 0.0).then(|| sum / count * 1000.0)
+}
+
 /// Pod creation latency with no webhook, then through cloudsql-binder's
 /// webhook when the binary has one.
 pub async fn admission_binder(ctx: &Ctx, count: usize) -> anyhow::Result<Record> {
@@ -1430,6 +1442,20 @@ pub async fn admission_binder(ctx: &Ctx, count: usize) -> anyhow::Result<Record>
     }
     let (latencies, injected) = timed_pods(&cluster, NS, "admitted", "admitted", count).await?;
     record_latencies(&mut record, "admission.binder", &latencies, injected);
+    match handler_mean_ms(
+        &binder.metrics,
+        "cloudsql_binder_admission_duration_seconds",
+        |w| w == "mutate-pods",
+    )
+    .await
+    {
+        Some(ms) => record.fig("admission.binder.handler_mean_ms", ms),
+        None => record.note("admission cloudsql-binder: its /metrics has no admission durations"),
+    }
+    record.detail(
+        "admission.binder.operator_metrics",
+        operator_metrics(&binder.metrics, BINDER_METRICS).await,
+    );
     if injected == 0 {
         record
             .note("admission cloudsql-binder: the webhook answered but injected none of the Pods");
@@ -1475,6 +1501,21 @@ pub async fn admission_google(ctx: &Ctx, count: usize) -> anyhow::Result<Record>
     }
     let (latencies, injected) = timed_pods(&cluster, NS, "admitted", "admitted", count).await?;
     record_latencies(&mut record, "admission.google", &latencies, injected);
+    // controller-runtime's histogram of its webhook server, by path.
+    match handler_mean_ms(
+        &op.metrics_url,
+        "controller_runtime_webhook_latency_seconds",
+        |w| w == "/mutate-pods",
+    )
+    .await
+    {
+        Some(ms) => record.fig("admission.google.handler_mean_ms", ms),
+        None => record.note("admission google: its /metrics has no /mutate-pods latencies"),
+    }
+    record.detail(
+        "admission.google.operator_metrics",
+        operator_metrics(&op.metrics_url, GOOGLE_METRICS).await,
+    );
     record.usage("admission.google", op.proc.usage()?);
     op.proc.stop().await;
     cluster.down();

@@ -529,22 +529,38 @@ impl Cluster {
                 }
             }
         });
-        // A binding changed (as our store sees it): reconcile it.
+        // A binding changed (as our store sees it) beyond its status: reconcile it.
         spawn_forwarder(binding_stream, {
             let tx = binding_tx.clone();
+            let store = stores.bindings.clone();
+            let changes = ChangeFilter::default();
             move |b: &CloudSqlBinding| {
-                let _ = tx.send(ObjectRef::from_obj(b));
+                if changes.moved(b, &store, beyond_status(b)) {
+                    let _ = tx.send(ObjectRef::from_obj(b));
+                }
             }
         });
-        // An instance created, changed or deleted: it and its bindings look again.
+        // An instance created, changed beyond its status, or deleted: it looks
+        // again; its bindings too, or when the database version they inject
+        // (from its status) moved.
         spawn_forwarder(instance_stream, {
             let stores = stores.clone();
             let tx = binding_tx.clone();
             let itx = instance_tx.clone();
+            let (own, for_bindings) = (ChangeFilter::default(), ChangeFilter::default());
             move |instance: &CloudSqlInstance| {
-                let _ = itx.send(ObjectRef::from_obj(instance));
-                for b in stores.bindings_of_any_order(&instance.name_any()) {
-                    let _ = tx.send(ObjectRef::from_obj(&*b));
+                if own.moved(instance, &stores.instances, beyond_status(instance)) {
+                    let _ = itx.send(ObjectRef::from_obj(instance));
+                }
+                let version = instance
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.database_version.as_deref());
+                let seen_by_bindings = fingerprint((beyond_status(instance), version));
+                if for_bindings.moved(instance, &stores.instances, seen_by_bindings) {
+                    for b in stores.bindings_of_any_order(&instance.name_any()) {
+                        let _ = tx.send(ObjectRef::from_obj(&*b));
+                    }
                 }
             }
         });
@@ -570,6 +586,61 @@ impl Cluster {
             binding_events: binding_tx,
             instance_events: instance_tx,
         })
+    }
+}
+
+fn fingerprint(value: impl std::hash::Hash) -> u64 {
+    use std::hash::{DefaultHasher, Hasher};
+    let mut hasher = DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// What of one of our objects its own reconcile reads, but its status, which
+/// that reconcile writes: a reconcile triggered by its own status write would
+/// find (while pods are being created) a new pod count, write it, and trigger
+/// itself again, as fast as the API server answers.
+fn beyond_status<K: Resource>(obj: &K) -> u64 {
+    let meta = obj.meta();
+    fingerprint((
+        &meta.uid,
+        meta.generation,
+        meta.deletion_timestamp
+            .as_ref()
+            .map(|t| t.0.as_millisecond()),
+        &meta.finalizers,
+        &meta.labels,
+        &meta.annotations,
+    ))
+}
+
+/// Remembers a fingerprint per object, to pass on only the changes that move
+/// it (and deletions).
+struct ChangeFilter<K: Resource<DynamicType = ()>> {
+    seen: std::sync::Mutex<std::collections::HashMap<ObjectRef<K>, u64>>,
+}
+
+impl<K: Resource<DynamicType = ()>> Default for ChangeFilter<K> {
+    fn default() -> Self {
+        ChangeFilter {
+            seen: Default::default(),
+        }
+    }
+}
+
+impl<K: Resource<DynamicType = ()> + Clone> ChangeFilter<K> {
+    /// Whether `obj`, whose event `store` has just applied, moved: new, its
+    /// fingerprint changed, or gone from the store (deleted).
+    fn moved(&self, obj: &K, store: &Store<K>, fingerprint: u64) -> bool {
+        let r = ObjectRef::from_obj(obj);
+        let Ok(mut seen) = self.seen.lock() else {
+            return true;
+        };
+        if store.get(&r).is_none() {
+            seen.remove(&r);
+            return true;
+        }
+        seen.insert(r, fingerprint) != Some(fingerprint)
     }
 }
 
@@ -623,13 +694,16 @@ pub async fn run_controllers(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let stores = cluster.stores.clone();
-    let binding_controller = Controller::new(
-        Api::<CloudSqlBinding>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
+    // The controllers read the stores every replica keeps, and reconcile on
+    // the triggers above only (no watch of their own: one that passed their
+    // own status writes back to them would loop).
+    let binding_controller = Controller::for_stream(
+        futures::stream::pending::<Result<CloudSqlBinding, watcher::Error>>(),
+        stores.bindings.clone(),
     );
-    let instance_controller = Controller::new(
-        Api::<CloudSqlInstance>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
+    let instance_controller = Controller::for_stream(
+        futures::stream::pending::<Result<CloudSqlInstance, watcher::Error>>(),
+        stores.instances.clone(),
     );
     let binding_triggers = triggers(cluster.binding_events.subscribe(), {
         let stores = stores.clone();
@@ -763,5 +837,49 @@ mod tests {
             .expect("sent again")
             .expect("a trigger");
         assert_eq!(r.name, "a");
+    }
+
+    #[test]
+    fn only_changes_beyond_status_and_deletions_pass_the_filter() {
+        let (store, mut writer) = reflector::store::<CloudSqlBinding>();
+        let binding: CloudSqlBinding = serde_json::from_value(serde_json::json!({
+            "apiVersion": "cloudsql.dev/v1alpha1", "kind": "CloudSqlBinding",
+            "metadata": {"name": "api", "namespace": "shop", "uid": "u1", "generation": 1},
+            "spec": {"instanceRef": {"name": "orders"},
+                     "database": {"name": "orders", "user": "app"},
+                     "workloads": [{"kind": "Pod", "selector": {"matchLabels": {"app": "api"}}}]}
+        }))
+        .expect("a binding");
+        let filter = ChangeFilter::default();
+        let mut seen = |b: &CloudSqlBinding, event: watcher::Event<CloudSqlBinding>| {
+            writer.apply_watcher_event(&event);
+            filter.moved(b, &store, beyond_status(b))
+        };
+        assert!(
+            seen(&binding, watcher::Event::Apply(binding.clone())),
+            "new"
+        );
+        // Its own status write (a new pod count): not passed on.
+        let mut counted = binding.clone();
+        counted.status = Some(crate::api::CloudSqlBindingStatus {
+            workloads_summary: Some("25/25".into()),
+            ..Default::default()
+        });
+        assert!(!seen(&counted, watcher::Event::Apply(counted.clone())));
+        // A spec change (generation), a label, a finalizer, deletion: passed on.
+        let mut edited = counted.clone();
+        edited.metadata.generation = Some(2);
+        assert!(seen(&edited, watcher::Event::Apply(edited.clone())));
+        edited.metadata.labels = Some([("team".to_owned(), "a".to_owned())].into());
+        assert!(seen(&edited, watcher::Event::Apply(edited.clone())));
+        edited.metadata.finalizers = Some(vec![binding::FINALIZER.to_owned()]);
+        assert!(seen(&edited, watcher::Event::Apply(edited.clone())));
+        edited.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        assert!(seen(&edited, watcher::Event::Apply(edited.clone())));
+        // Gone from the store, even with nothing else changed.
+        assert!(seen(&edited, watcher::Event::Delete(edited.clone())));
     }
 }
