@@ -112,6 +112,26 @@ struct Args {
     /// Seconds of idle observed after convergence in the footprint step.
     #[arg(long, default_value_t = 10)]
     idle_secs: u64,
+    /// Measure nothing: print the table of this results JSON (and with
+    /// --update-readme write it there), e.g. after the report gained a column.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    report: Option<PathBuf>,
+}
+
+/// `--report`: the table of an existing results file.
+fn report_only(json: &std::path::Path, readme: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let text =
+        std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    let result: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+    let table = report::markdown(&result, json, &repo_root());
+    println!("{table}");
+    if let Some(readme) = readme {
+        report::update_readme(readme, &table)?;
+        eprintln!("bench: table updated in {}", readme.display());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -122,6 +142,15 @@ fn main() -> ExitCode {
         eprintln!("bench: a rustls crypto provider was already installed");
     }
     let args = Args::parse();
+    if let Some(json) = &args.report {
+        return match report_only(json, args.update_readme.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("bench: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1346,6 +1346,28 @@ async fn handler_mean_ms(url: &str, histogram: &str, pods: impl Fn(&str) -> bool
     (count > 0.0).then(|| sum / count * 1000.0)
 }
 
+/// Records, under `prefix`, the webhook's own mean answer time for the Pod
+/// webhook `pods` (label `webhook` of `histogram`) and the operator's metrics.
+async fn record_webhook_metrics(
+    record: &mut Record,
+    prefix: &str,
+    url: &str,
+    histogram: &str,
+    pods: &str,
+    metrics: &[&str],
+) {
+    match handler_mean_ms(url, histogram, |w| w == pods).await {
+        Some(ms) => record.fig(format!("{prefix}.handler_mean_ms"), ms),
+        None => record.note(format!(
+            "{prefix}: the operator's /metrics has no {histogram} for {pods}"
+        )),
+    }
+    record.detail(
+        format!("{prefix}.operator_metrics"),
+        operator_metrics(url, metrics).await,
+    );
+}
+
 /// Pod creation latency with no webhook, then through cloudsql-binder's
 /// webhook when the binary has one.
 pub async fn admission_binder(ctx: &Ctx, count: usize) -> anyhow::Result<Record> {
@@ -1442,20 +1464,15 @@ pub async fn admission_binder(ctx: &Ctx, count: usize) -> anyhow::Result<Record>
     }
     let (latencies, injected) = timed_pods(&cluster, NS, "admitted", "admitted", count).await?;
     record_latencies(&mut record, "admission.binder", &latencies, injected);
-    match handler_mean_ms(
+    record_webhook_metrics(
+        &mut record,
+        "admission.binder",
         &binder.metrics,
         "cloudsql_binder_admission_duration_seconds",
-        |w| w == "mutate-pods",
+        "mutate-pods",
+        BINDER_METRICS,
     )
-    .await
-    {
-        Some(ms) => record.fig("admission.binder.handler_mean_ms", ms),
-        None => record.note("admission cloudsql-binder: its /metrics has no admission durations"),
-    }
-    record.detail(
-        "admission.binder.operator_metrics",
-        operator_metrics(&binder.metrics, BINDER_METRICS).await,
-    );
+    .await;
     if injected == 0 {
         record
             .note("admission cloudsql-binder: the webhook answered but injected none of the Pods");
@@ -1502,20 +1519,15 @@ pub async fn admission_google(ctx: &Ctx, count: usize) -> anyhow::Result<Record>
     let (latencies, injected) = timed_pods(&cluster, NS, "admitted", "admitted", count).await?;
     record_latencies(&mut record, "admission.google", &latencies, injected);
     // controller-runtime's histogram of its webhook server, by path.
-    match handler_mean_ms(
+    record_webhook_metrics(
+        &mut record,
+        "admission.google",
         &op.metrics_url,
         "controller_runtime_webhook_latency_seconds",
-        |w| w == "/mutate-pods",
+        "/mutate-pods",
+        GOOGLE_METRICS,
     )
-    .await
-    {
-        Some(ms) => record.fig("admission.google.handler_mean_ms", ms),
-        None => record.note("admission google: its /metrics has no /mutate-pods latencies"),
-    }
-    record.detail(
-        "admission.google.operator_metrics",
-        operator_metrics(&op.metrics_url, GOOGLE_METRICS).await,
-    );
+    .await;
     record.usage("admission.google", op.proc.usage()?);
     op.proc.stop().await;
     cluster.down();

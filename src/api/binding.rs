@@ -116,6 +116,14 @@ impl CloudSqlBindingSpec {
     pub fn injects_at_admission(&self, kind: WorkloadKind) -> bool {
         !kind.has_mutable_template() || self.injection == Injection::Admission
     }
+
+    /// Whether some workload entry other than bare Pods reaches its pods at
+    /// admission (Jobs, CronJobs, or any kind with `injection: Admission`).
+    pub fn admits_owned_pods(&self) -> bool {
+        self.workloads
+            .iter()
+            .any(|w| w.kind != WorkloadKind::Pod && self.injects_at_admission(w.kind))
+    }
 }
 
 /// How the injection reaches the pods; see `spec.injection`.

@@ -472,14 +472,7 @@ impl Cluster {
             generation.clone(),
             move |pod| {
                 if let Some(stores) = pod_cell.read().ok().and_then(|g| g.clone()) {
-                    let ns = pod.namespace().unwrap_or_default();
-                    for r in bindings_for_workload(
-                        &stores,
-                        WorkloadKind::Pod,
-                        &ns,
-                        &pod.name_any(),
-                        pod.metadata.labels.as_ref(),
-                    ) {
+                    for r in bindings_for_pod(&stores, pod) {
                         pod_triggers.add(r);
                     }
                 }
@@ -642,6 +635,40 @@ impl<K: Resource<DynamicType = ()> + Clone> ChangeFilter<K> {
         }
         seen.insert(r, fingerprint) != Some(fingerprint)
     }
+}
+
+/// Bindings to reconcile when a pod changes: those that select or list it as
+/// a bare Pod (its count and entry), and those that reach it at admission
+/// through one of its owners (a pod of theirs that missed the webhook is
+/// reported and rolled by that reconcile).
+fn bindings_for_pod(
+    stores: &Stores,
+    pod: &kube::api::PartialObjectMeta<Pod>,
+) -> Vec<ObjectRef<CloudSqlBinding>> {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let mut out = bindings_for_workload(
+        stores,
+        WorkloadKind::Pod,
+        ns,
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        pod.metadata.labels.as_ref(),
+    );
+    let bindings = stores.bindings_in_any_order(ns);
+    let owned = pod
+        .metadata
+        .owner_references
+        .as_ref()
+        .is_some_and(|o| !o.is_empty());
+    if owned && bindings.iter().any(|b| b.spec.admits_owned_pods()) {
+        let owners = stores.pod_owners(ns, &pod.metadata);
+        out.extend(
+            bindings
+                .iter()
+                .filter(|b| matches!(Stores::pod_route(b, &owners), Some((owner, true)) if owner.kind != WorkloadKind::Pod))
+                .map(|b| ObjectRef::from_obj(&**b)),
+        );
+    }
+    out
 }
 
 /// Drives a reflector stream in the background, calling `on_change` for every touched object.
@@ -837,6 +864,83 @@ mod tests {
             .expect("sent again")
             .expect("a trigger");
         assert_eq!(r.name, "a");
+    }
+
+    #[test]
+    fn a_pod_event_reaches_the_bindings_that_admit_it_through_its_owners() {
+        use serde_json::json;
+        let (stores, mut w) = Stores::for_tests();
+        fn apply<K>(w: &mut kube::runtime::reflector::store::Writer<K>, v: K)
+        where
+            K: Resource<DynamicType = ()>
+                + Clone
+                + kube::runtime::reflector::Lookup<DynamicType = ()>,
+        {
+            w.apply_watcher_event(&watcher::Event::Apply(v));
+        }
+        let binding = |name: &str, spec: serde_json::Value| -> CloudSqlBinding {
+            let mut b = json!({
+                "apiVersion": "cloudsql.dev/v1alpha1", "kind": "CloudSqlBinding",
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"instanceRef": {"name": "orders"},
+                         "database": {"name": "orders", "user": "app"}}
+            });
+            if let (Some(to), Some(from)) = (b["spec"].as_object_mut(), spec.as_object()) {
+                to.extend(from.clone());
+            }
+            serde_json::from_value(b).expect("a binding")
+        };
+        let api = [json!({"kind": "Deployment", "name": "api"})];
+        for b in [
+            binding(
+                "at-admission",
+                json!({"injection": "Admission", "workloads": api}),
+            ),
+            binding("in-template", json!({"workloads": api})),
+            binding(
+                "bare",
+                json!({"workloads": [{"kind": "Pod", "selector": {"matchLabels": {"app": "api"}}}]}),
+            ),
+            binding(
+                "other",
+                json!({"injection": "Admission", "workloads": [{"kind": "Deployment", "name": "web"}]}),
+            ),
+        ] {
+            apply(&mut w.bindings, b);
+        }
+        let owner = |kind: &str, name: &str| json!([{"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": name, "controller": true}]);
+        apply(
+            &mut w.deployments,
+            serde_json::from_value(json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "api", "namespace": "shop"},
+                "spec": {"selector": {"matchLabels": {"app": "api"}},
+                         "template": {"metadata": {"labels": {"app": "api"}},
+                                      "spec": {"containers": [{"name": "app", "image": "app"}]}}}
+            }))
+            .expect("a deployment"),
+        );
+        apply(
+            &mut w.replica_sets,
+            serde_json::from_value(json!({
+                "apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "metadata": {"name": "api-1", "namespace": "shop", "ownerReferences": owner("Deployment", "api")},
+                "spec": {"selector": {"matchLabels": {"app": "api"}}}
+            }))
+            .expect("a replica set"),
+        );
+        let pod: kube::api::PartialObjectMeta<Pod> = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "api-1-x", "namespace": "shop", "labels": {"app": "api"},
+                         "ownerReferences": owner("ReplicaSet", "api-1")}
+        }))
+        .expect("a pod");
+        let mut names: Vec<String> = bindings_for_pod(&stores, &pod)
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        names.sort();
+        assert_eq!(names, ["at-admission", "bare"]);
     }
 
     #[test]
