@@ -624,9 +624,12 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
                     } else {
                         "Shared"
                     };
+                    // Only this binding's arithmetic and the capacity: the
+                    // instance-wide total allocated (on the instance's status)
+                    // moves with every other binding, and would rewrite the
+                    // status of every binding on the instance when one changes.
                     let message = format!(
-                        "{grant} connections per pod x {max_pods} pods = {connections}; {instance_name}: {} of {} usable allocated",
-                        a.allocated,
+                        "{grant} connections per pod x {max_pods} pods = {connections} of the {} usable on {instance_name}",
                         c.usable()
                     );
                     condition(
@@ -793,7 +796,14 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
     status.workloads = listed(workloads);
     status.conditions = conditions;
 
-    if !status_equivalent(&previous, &status) {
+    // Compared with the store's status, or with our own last write when the
+    // store has not seen it yet.
+    let unchanged = status_equivalent(&previous, &status)
+        || ctx
+            .status_writes
+            .pending(&binding)
+            .is_some_and(|written| status_equivalent(&written, &status));
+    if !unchanged {
         let api: Api<CloudSqlBinding> = Api::namespaced(ctx.client.clone(), &ns);
         let patch = json!({
             "apiVersion": "cloudsql.dev/v1alpha1",
@@ -811,6 +821,7 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
             source,
         })?;
         ctx.metrics.write("binding", "apply_status");
+        ctx.status_writes.record(&binding, &status);
         // Events only on a change of the Ready reason, so an idle cluster sees none.
         let ready_reason = |cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
             crate::api::find_condition(cs, condition_type::READY)

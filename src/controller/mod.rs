@@ -107,6 +107,56 @@ pub struct Context {
     /// when that moved (during a burst of bindings, every binding reconcile
     /// would otherwise cost an instance reconcile over all its bindings).
     pub instance_seen: std::sync::Mutex<std::collections::HashMap<String, InstanceSeen>>,
+    /// The status each binding reconcile last wrote, until the store has
+    /// caught up with that write (see [`StatusWrites`]).
+    pub status_writes: StatusWrites,
+}
+
+/// Status writes the binding store may not have seen yet. A reconcile that
+/// runs before the watch delivered the previous reconcile's status write
+/// (its Deployment's event often comes first) compares against the old
+/// status and would write the same status again. Each entry is keyed by the
+/// binding's uid and holds the resourceVersion the write was made over and
+/// what was written: while the store still shows that resourceVersion, the
+/// written status is what the object has.
+#[derive(Default)]
+pub struct StatusWrites {
+    written: std::sync::Mutex<
+        std::collections::HashMap<String, (String, crate::api::CloudSqlBindingStatus)>,
+    >,
+}
+
+impl StatusWrites {
+    /// The status last written over the version of `binding` the store still
+    /// holds, if the store has not caught up; forgets writes it has seen past.
+    pub fn pending(&self, binding: &CloudSqlBinding) -> Option<crate::api::CloudSqlBindingStatus> {
+        let uid = binding.metadata.uid.as_deref()?;
+        let mut written = self.written.lock().ok()?;
+        match written.get(uid) {
+            Some((over, status)) if binding.metadata.resource_version.as_deref() == Some(over) => {
+                Some(status.clone())
+            }
+            Some(_) => {
+                written.remove(uid);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Records that `status` was written over the version of `binding` the
+    /// reconcile read.
+    pub fn record(&self, binding: &CloudSqlBinding, status: &crate::api::CloudSqlBindingStatus) {
+        let (Some(uid), Some(over)) = (
+            binding.metadata.uid.clone(),
+            binding.metadata.resource_version.clone(),
+        ) else {
+            return;
+        };
+        if let Ok(mut written) = self.written.lock() {
+            written.insert(uid, (over, status.clone()));
+        }
+    }
 }
 
 /// See [`Context::instance_seen`].
@@ -768,6 +818,7 @@ pub async fn run_controllers(
         instance_trigger: cluster.instance_events.clone(),
         binding_trigger: cluster.binding_events.clone(),
         instance_seen: Default::default(),
+        status_writes: Default::default(),
     });
 
     let shutdown = shutdown.shared();
@@ -941,6 +992,32 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["at-admission", "bare"]);
+    }
+
+    #[test]
+    fn a_status_write_counts_until_the_store_has_seen_past_it() {
+        let at = |rv: &str| -> CloudSqlBinding {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "cloudsql.dev/v1alpha1", "kind": "CloudSqlBinding",
+                "metadata": {"name": "api", "namespace": "shop", "uid": "u1", "resourceVersion": rv},
+                "spec": {"instanceRef": {"name": "orders"},
+                         "database": {"name": "orders", "user": "app"},
+                         "workloads": [{"kind": "Deployment", "name": "api"}]}
+            }))
+            .expect("a binding")
+        };
+        let writes = StatusWrites::default();
+        let status = crate::api::CloudSqlBindingStatus {
+            workloads_summary: Some("1/1".into()),
+            ..Default::default()
+        };
+        assert_eq!(writes.pending(&at("10")), None, "nothing written yet");
+        writes.record(&at("10"), &status);
+        // The store still holds version 10: the write is what the object has.
+        assert_eq!(writes.pending(&at("10")), Some(status.clone()));
+        // The store moved past it (our write, or anyone's): forgotten.
+        assert_eq!(writes.pending(&at("11")), None);
+        assert_eq!(writes.pending(&at("10")), None);
     }
 
     #[test]
