@@ -348,10 +348,10 @@ async fn lead(
     options: cloudsql_binder::controller::Options,
     metrics: std::sync::Arc<cloudsql_binder::telemetry::Metrics>,
     webhook: Option<cloudsql_binder::webhook::WebhookOptions>,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    stop: futures::future::BoxFuture<'static, ()>,
 ) {
     use futures::FutureExt;
-    let stop = stop.boxed().shared();
+    let stop = stop.shared();
     let certificates = {
         let (client, stop) = (client.clone(), stop.clone());
         async move {

@@ -277,16 +277,24 @@ fn bindings_for_workload(
     stores
         .bindings_in_any_order(ns)
         .into_iter()
-        .filter(|b| {
-            Stores::selects(b, kind, name, labels)
-                || b.status.as_ref().is_some_and(|s| {
-                    s.workloads
-                        .iter()
-                        .any(|w| w.kind == kind.as_str() && w.name == name)
-                })
-        })
+        .filter(|b| touches_workload(b, kind, name, labels))
         .map(|b| ObjectRef::from_obj(&*b))
         .collect()
+}
+
+/// Whether `binding` selects the workload now or lists it in its status.
+fn touches_workload(
+    binding: &CloudSqlBinding,
+    kind: WorkloadKind,
+    name: &str,
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+) -> bool {
+    Stores::selects(binding, kind, name, labels)
+        || binding.status.as_ref().is_some_and(|s| {
+            s.workloads
+                .iter()
+                .any(|w| w.kind == kind.as_str() && w.name == name)
+        })
 }
 
 fn spawn_workload_mapper<K, S>(
@@ -695,30 +703,27 @@ fn bindings_for_pod(
     stores: &Stores,
     pod: &kube::api::PartialObjectMeta<Pod>,
 ) -> Vec<ObjectRef<CloudSqlBinding>> {
-    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
-    let mut out = bindings_for_workload(
-        stores,
-        WorkloadKind::Pod,
-        ns,
-        pod.metadata.name.as_deref().unwrap_or_default(),
-        pod.metadata.labels.as_ref(),
-    );
+    let meta = &pod.metadata;
+    let ns = meta.namespace.as_deref().unwrap_or_default();
+    let name = meta.name.as_deref().unwrap_or_default();
     let bindings = stores.bindings_in_any_order(ns);
-    let owned = pod
-        .metadata
+    // The owner walk only when a binding here may reach an owned pod.
+    let owners = (meta
         .owner_references
         .as_ref()
-        .is_some_and(|o| !o.is_empty());
-    if owned && bindings.iter().any(|b| b.spec.admits_owned_pods()) {
-        let owners = stores.pod_owners(ns, &pod.metadata);
-        out.extend(
-            bindings
-                .iter()
-                .filter(|b| matches!(Stores::pod_route(b, &owners), Some((owner, true)) if owner.kind != WorkloadKind::Pod))
-                .map(|b| ObjectRef::from_obj(&**b)),
-        );
-    }
-    out
+        .is_some_and(|o| !o.is_empty())
+        && bindings.iter().any(|b| b.spec.admits_owned_pods()))
+    .then(|| stores.pod_owners(ns, meta));
+    bindings
+        .iter()
+        .filter(|b| {
+            touches_workload(b, WorkloadKind::Pod, name, meta.labels.as_ref())
+                || owners
+                    .as_ref()
+                    .is_some_and(|o| matches!(Stores::pod_route(b, o), Some((_, true))))
+        })
+        .map(|b| ObjectRef::from_obj(&**b))
+        .collect()
 }
 
 /// Drives a reflector stream in the background, calling `on_change` for every touched object.

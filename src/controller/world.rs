@@ -12,6 +12,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet}
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{ObjectMeta, PartialObjectMeta};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
@@ -391,11 +392,7 @@ impl Stores {
                         .map(|p| vec![p.name_any()])
                         .unwrap_or_default(),
                     (None, Some(selector)) => self
-                        .pods
-                        .state()
-                        .into_iter()
-                        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-                        .filter(|p| selector_matches(selector, p.metadata.labels.as_ref()))
+                        .pods_matching(&ns, selector)
                         .map(|p| p.name_any())
                         .collect(),
                     (None, None) => Vec::new(),
@@ -414,6 +411,19 @@ impl Stores {
         out.sort();
         out.dedup();
         out
+    }
+
+    /// The bare Pods of namespace `ns` that `selector` matches.
+    fn pods_matching<'a>(
+        &self,
+        ns: &'a str,
+        selector: &'a LabelSelector,
+    ) -> impl Iterator<Item = Arc<PartialObjectMeta<Pod>>> + 'a {
+        self.pods
+            .state()
+            .into_iter()
+            .filter(move |p| p.metadata.namespace.as_deref() == Some(ns))
+            .filter(move |p| selector_matches(selector, p.metadata.labels.as_ref()))
     }
 
     /// Whether `binding` selects the workload `name` of `kind` with `labels`.
@@ -581,13 +591,7 @@ impl Stores {
             return self.binding_max_pods(binding).0;
         };
         let ns = binding.metadata.namespace.as_deref().unwrap_or_default();
-        let pods = self
-            .pods
-            .state()
-            .iter()
-            .filter(|p| p.metadata.namespace.as_deref() == Some(ns))
-            .filter(|p| selector_matches(selector, p.metadata.labels.as_ref()))
-            .count();
+        let pods = self.pods_matching(ns, selector).count();
         let pod = budget::max_pods::pod().count;
         self.selected_where(binding, |e| e.kind != WorkloadKind::Pod)
             .iter()
