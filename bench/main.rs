@@ -125,7 +125,17 @@ fn report_only(json: &std::path::Path, readme: Option<&std::path::Path>) -> anyh
         std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
     let result: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
-    let table = report::markdown(&result, json, &repo_root());
+    publish_table(&result, json, readme)
+}
+
+/// Prints the results table of `result` (from the file `json`), and writes it
+/// into `readme` when given.
+fn publish_table(
+    result: &serde_json::Value,
+    json: &std::path::Path,
+    readme: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let table = report::markdown(result, json, &repo_root());
     println!("{table}");
     if let Some(readme) = readme {
         report::update_readme(readme, &table)?;
@@ -580,17 +590,14 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     }
     let kubernetes = ctx.kubernetes.lock().map(|k| k.clone()).unwrap_or_default();
     let result = write_results(&args, &meta, &progress, &kubernetes)?;
-    let table = report::markdown(&result, &out, &repo);
-    println!("{table}");
     eprintln!("bench: results in {}", out.display());
-    if let Some(readme) = &args.update_readme {
+    let readme = args.update_readme.as_deref().filter(|readme| {
         if progress.interrupted {
             eprintln!("bench: interrupted; {} left as it was", readme.display());
-        } else {
-            report::update_readme(readme, &table)?;
-            eprintln!("bench: table updated in {}", readme.display());
         }
-    }
+        !progress.interrupted
+    });
+    publish_table(&result, &out, readme)?;
     let _ = std::fs::remove_dir_all(cluster::pids_dir(&ctx.cluster_dir));
     Ok(())
 }
