@@ -64,6 +64,17 @@ struct RunArgs {
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "cloudsql-binder")]
     leader_election_lease: String,
+    /// This installation's identity, written into every status it writes
+    /// (`status.reconciledBy`) so that two installations on one cluster find
+    /// each other instead of fighting. Default: the Lease
+    /// (`NAMESPACE/NAME`, or the host name without leader election), the
+    /// version and a hash of the flags that change what is written.
+    #[arg(long, env = "CLOUDSQL_BINDER_OPERATOR_ID")]
+    operator_id: Option<String>,
+    /// Seconds between two reconciles of every object whatever the watches
+    /// said (the backstop of level-triggering).
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    resync_seconds: u64,
     /// Serve the admission webhook on this address (default with --webhook-url
     /// or --webhook-service: 0.0.0.0:9443). No webhook flag: no webhook.
     #[arg(long, value_name = "ADDR")]
@@ -272,6 +283,10 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         readiness.clone(),
         shutdown.clone(),
     ));
+    let identity = args
+        .operator_id
+        .clone()
+        .unwrap_or_else(|| default_operator_id(&args));
     let options = controller::Options {
         namespaces: args.namespaces,
         reporter_instance: std::env::var("POD_NAME").ok(),
@@ -282,6 +297,8 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             args.sqladmin_ca_file.as_deref(),
         ),
         discovery_refresh: std::time::Duration::from_secs(args.sqladmin_refresh_seconds),
+        identity,
+        resync: std::time::Duration::from_secs(args.resync_seconds),
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), metrics = %args.metrics_addr, "starting");
     // Every replica keeps the caches and is ready once they synced; only the
@@ -338,6 +355,37 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         Ok(Err(err)) => Err(err).context(format!("serving metrics on {}", args.metrics_addr)),
         Err(err) => Err(err).context("the metrics server panicked"),
     }
+}
+
+/// The default `--operator-id`: who we are (the Lease, or the host without
+/// leader election), which version, and a hash of the flags that change what
+/// is written, so that two installations that would write different things
+/// never share an identity while replicas and restarts of one do.
+fn default_operator_id(args: &RunArgs) -> String {
+    use sha2::{Digest, Sha256};
+    let who = if args.leader_election {
+        format!(
+            "{}/{}",
+            args.leader_election_namespace, args.leader_election_lease
+        )
+    } else {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_owned())
+    };
+    let flags = format!(
+        "{:?}|{:?}|{}|{}",
+        args.namespaces,
+        args.native_sidecars,
+        args.sqladmin_endpoint,
+        args.sqladmin_credentials.is_some()
+    );
+    let digest = Sha256::digest(flags.as_bytes());
+    let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("{who}@{}+{hash}", env!("CARGO_PKG_VERSION"))
 }
 
 /// What the leader runs until `stop`: the controllers and, with a webhook,

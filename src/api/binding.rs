@@ -497,6 +497,12 @@ pub struct CloudSqlBindingStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The operator installation that wrote this status (`--operator-id`). A
+    /// second installation that finds another identity here after its own
+    /// write knows that two operators manage the object, and reports it
+    /// (condition `OperatorConflict`) instead of fighting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconciled_by: Option<String>,
     /// The instance as resolved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<BoundInstance>,

@@ -17,6 +17,9 @@ pub mod condition_type {
     pub const INSTANCE_RESOLVED: &str = "InstanceResolved";
     /// Every matched workload carries the injection.
     pub const WORKLOADS_BOUND: &str = "WorkloadsBound";
+    /// Present (True) only while another operator installation writes the
+    /// same object: the message names both and says which one stands back.
+    pub const OPERATOR_CONFLICT: &str = "OperatorConflict";
 }
 
 /// Builds a condition with `lastTransitionTime` carried over from `previous`

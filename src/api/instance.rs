@@ -175,6 +175,10 @@ pub struct CloudSqlInstanceStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The operator installation that wrote this status (`--operator-id`);
+    /// see the binding's `status.reconciledBy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconciled_by: Option<String>,
     /// Database engine and version in use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database_version: Option<String>,

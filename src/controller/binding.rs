@@ -17,8 +17,9 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tracing::{debug, info, instrument};
+use tracing::{debug, info, instrument, warn};
 
+use super::operators::{HOLD_OFF, Stance, conflict_message};
 use super::subset;
 use super::world::{ADMISSION_HASH_ANNOTATION, Eligibility, Outcome, WorkloadId, binding_key};
 use super::{Context, Error};
@@ -29,8 +30,13 @@ use crate::api::{
 use crate::budget::CapacityResolution;
 use crate::plan::INJECTED_ANNOTATION;
 
-/// The finalizer that lets a deleted binding take its injection out first.
-pub const FINALIZER: &str = "cloudsql.dev/cleanup";
+/// The finalizer versions before 0.2 put on every binding. This version adds
+/// none and takes it out: with the operator stopped it held namespaces in
+/// `Terminating` forever.
+pub const LEGACY_FINALIZER: &str = "cloudsql.dev/cleanup";
+
+/// The reason of condition `OperatorConflict` and of its Events.
+pub const OPERATOR_CONFLICT_REASON: &str = "AnotherOperator";
 
 /// How often a binding whose workloads are injected at admission looks for
 /// pods that missed the webhook.
@@ -48,49 +54,24 @@ pub async fn reconcile(binding: Arc<CloudSqlBinding>, ctx: Arc<Context>) -> Resu
     // Eligibility and grants read the instances: wait for their cache.
     super::store_ready(&ctx.stores.instances).await;
     let _timer = ctx.metrics.reconcile_timer("binding");
-    let api: Api<CloudSqlBinding> = Api::namespaced(ctx.client.clone(), &ns);
-    let name = binding.name_any();
-    let has_finalizer = binding.finalizers().iter().any(|f| f == FINALIZER);
-    if binding.metadata.deletion_timestamp.is_some() {
-        if !has_finalizer {
-            return Ok(Action::await_change());
+    if binding.finalizers().iter().any(|f| f == LEGACY_FINALIZER) {
+        // Added by versions before 0.2; this version needs none (removal is
+        // level-triggered from the workloads). A binding being deleted with
+        // it gets its injection taken out first, as those versions promised.
+        if binding.metadata.deletion_timestamp.is_some() {
+            cleanup(binding.clone(), &ctx).await?;
         }
-        cleanup(binding.clone(), &ctx).await?;
+        let api: Api<CloudSqlBinding> = Api::namespaced(ctx.client.clone(), &ns);
         remove_finalizer(&api, &binding).await?;
         ctx.metrics.write("binding", "finalizer");
+        if binding.metadata.deletion_timestamp.is_some() {
+            return Ok(Action::await_change());
+        }
+    }
+    if binding.metadata.deletion_timestamp.is_some() {
+        // Another finalizer holds it: its workloads are the sweeper's once it is gone.
         return Ok(Action::await_change());
     }
-    let binding = if has_finalizer {
-        binding
-    } else {
-        // Server-side apply of our one finalizer: idempotent, so a reconcile
-        // that runs on a cache still missing it (a trigger queued while the
-        // finalizer was being added) costs a no-op request, not a conflict
-        // and a retry. The reconcile goes on with the object the API server
-        // returned instead of waiting for the watch to bring it back.
-        let patch = json!({
-            "apiVersion": CloudSqlBinding::api_version(&()),
-            "kind": CloudSqlBinding::kind(&()),
-            "metadata": {"name": name, "finalizers": [FINALIZER]},
-        });
-        let updated = api
-            .patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-            .map_err(|source| Error::Kube {
-                action: format!("adding finalizer {FINALIZER} to CloudSqlBinding {ns}/{name}"),
-                source,
-            })?;
-        ctx.metrics.write("binding", "finalizer");
-        if updated.metadata.deletion_timestamp.is_some() {
-            // Deleted meanwhile: the next reconcile cleans up.
-            return Ok(Action::requeue(Duration::from_millis(100)));
-        }
-        Arc::new(updated)
-    };
     apply(binding, &ctx).await
 }
 
@@ -104,17 +85,21 @@ async fn remove_finalizer(
     binding: &CloudSqlBinding,
 ) -> Result<(), Error> {
     let name = binding.name_any();
-    let Some(index) = binding.finalizers().iter().position(|f| f == FINALIZER) else {
+    let Some(index) = binding
+        .finalizers()
+        .iter()
+        .position(|f| f == LEGACY_FINALIZER)
+    else {
         return Ok(());
     };
     let path = format!("/metadata/finalizers/{index}");
     let patch: json_patch::Patch = serde_json::from_value(json!([
-        {"op": "test", "path": path, "value": FINALIZER},
+        {"op": "test", "path": path, "value": LEGACY_FINALIZER},
         {"op": "remove", "path": path},
     ]))
-    .map_err(|e| Error::Finalizer {
+    .map_err(|source| Error::Patch {
         object: format!("CloudSqlBinding {name}"),
-        message: e.to_string(),
+        source,
     })?;
     match api
         .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
@@ -124,7 +109,7 @@ async fn remove_finalizer(
         // Gone already: nothing holds it.
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
         Err(source) => Err(Error::Kube {
-            action: format!("removing finalizer {FINALIZER} from CloudSqlBinding {name}"),
+            action: format!("removing finalizer {LEGACY_FINALIZER} from CloudSqlBinding {name}"),
             source,
         }),
     }
@@ -137,8 +122,10 @@ pub fn error_policy(binding: Arc<CloudSqlBinding>, err: &Error, ctx: Arc<Context
             controller: "binding".into(),
         })
         .inc();
-    debug!(binding = %binding_key(&binding), error = %err, "reconcile failed; retrying");
-    super::retry_after(err)
+    let key = binding_key(&binding);
+    let wait = ctx.backoff.failed(&key);
+    debug!(binding = %key, error = %err, retry_in = ?wait, "reconcile failed; retrying");
+    Action::requeue(wait)
 }
 
 /// What happened to one workload for this binding.
@@ -188,8 +175,9 @@ fn object_reference(id: &WorkloadId) -> ObjectReference {
 }
 
 /// Brings one workload's template to what every binding on it wants, and
-/// reports what that means for `key` (the binding being reconciled).
-async fn sync_workload(
+/// reports what that means for `key` (the binding being reconciled; empty
+/// for the sweeper).
+pub(super) async fn sync_workload(
     id: WorkloadId,
     key: &str,
     exclude: Option<&str>,
@@ -502,6 +490,28 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
     let now = Timestamp::now();
     let previous = binding.status.clone().unwrap_or_default();
     let prev_conditions = &previous.conditions;
+    let me = ctx.options.identity.as_str();
+    let uid = binding.metadata.uid.as_deref();
+
+    let stance = ctx
+        .operators
+        .stance(me, uid, previous.reconciled_by.as_deref());
+    if let Stance::StandBack { other, newly } = &stance {
+        // Another installation keeps this binding: write nothing, say so once.
+        if *newly {
+            let note = conflict_message("CloudSqlBinding", me, other, false);
+            warn!(binding = %key, "{note}");
+            publish(
+                ctx,
+                &binding.object_ref(&()),
+                EventType::Warning,
+                OPERATOR_CONFLICT_REASON,
+                note,
+            )
+            .await;
+        }
+        return Ok(Action::requeue(HOLD_OFF));
+    }
 
     let results = sync_all(&binding, None, ctx).await?;
     let mut workloads: Vec<WorkloadStatus> = Vec::new();
@@ -519,11 +529,35 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
 
     let mut status = CloudSqlBindingStatus {
         observed_generation: generation,
+        reconciled_by: Some(me.to_owned()),
         workloads_summary: Some(format!("{injected}/{matched}")),
         ..Default::default()
     };
     let mut conditions = Vec::new();
     let mut events: Vec<(EventType, &str, String)> = Vec::new();
+    if let Stance::Keep { other, newly } = &stance {
+        let message = conflict_message("CloudSqlBinding", me, other, true);
+        if *newly {
+            warn!(binding = %key, "{message}");
+            publish(
+                ctx,
+                &binding.object_ref(&()),
+                EventType::Warning,
+                OPERATOR_CONFLICT_REASON,
+                message.clone(),
+            )
+            .await;
+        }
+        conditions.push(condition(
+            prev_conditions,
+            condition_type::OPERATOR_CONFLICT,
+            true,
+            OPERATOR_CONFLICT_REASON,
+            message,
+            generation,
+            now,
+        ));
+    }
     let instance_name = binding.spec.instance_ref.name.clone();
     let mut retry_soon = false;
 
@@ -822,6 +856,7 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
         })?;
         ctx.metrics.write("binding", "apply_status");
         ctx.status_writes.record(&binding, &status);
+        ctx.operators.wrote(uid);
         // Events only on a change of the Ready reason, so an idle cluster sees none.
         let ready_reason = |cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
             crate::api::find_condition(cs, condition_type::READY)
@@ -863,6 +898,7 @@ async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, E
 /// Whether two statuses say the same thing (condition timestamps aside).
 fn status_equivalent(a: &CloudSqlBindingStatus, b: &CloudSqlBindingStatus) -> bool {
     a.observed_generation == b.observed_generation
+        && a.reconciled_by == b.reconciled_by
         && a.instance == b.instance
         && a.pool == b.pool
         && a.workloads_summary == b.workloads_summary

@@ -12,8 +12,10 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tracing::instrument;
+use tracing::{instrument, warn};
 
+use super::binding::OPERATOR_CONFLICT_REASON;
+use super::operators::{HOLD_OFF, Stance, conflict_message};
 use super::world::{Eligibility, binding_key};
 use super::{Context, Error};
 use crate::api::{
@@ -47,6 +49,39 @@ pub async fn reconcile(
     let now = Timestamp::now();
     let previous = instance.status.clone().unwrap_or_default();
     let prev = &previous.conditions;
+    let me = ctx.options.identity.as_str();
+    let uid = instance.metadata.uid.as_deref();
+    let stance = ctx
+        .operators
+        .stance(me, uid, previous.reconciled_by.as_deref());
+    let conflict = match &stance {
+        Stance::Sole => None,
+        Stance::StandBack { other, newly } => {
+            // Another installation keeps this instance: write nothing, say so once.
+            if *newly {
+                let note = conflict_message("CloudSqlInstance", me, other, false);
+                warn!(instance = %name, "{note}");
+                publish(&ctx, &instance, OPERATOR_CONFLICT_REASON, note).await;
+            }
+            return Ok(Action::requeue(HOLD_OFF));
+        }
+        Stance::Keep { other, newly } => {
+            let message = conflict_message("CloudSqlInstance", me, other, true);
+            if *newly {
+                warn!(instance = %name, "{message}");
+                publish(&ctx, &instance, OPERATOR_CONFLICT_REASON, message.clone()).await;
+            }
+            Some(condition(
+                prev,
+                condition_type::OPERATOR_CONFLICT,
+                true,
+                OPERATOR_CONFLICT_REASON,
+                message,
+                generation,
+                now,
+            ))
+        }
+    };
 
     // Discovery: ask the Admin API when the answer is stale or the spec changed.
     let mut discovered_condition = None;
@@ -120,6 +155,7 @@ pub async fn reconcile(
 
     let mut status = CloudSqlInstanceStatus {
         observed_generation: generation,
+        reconciled_by: Some(me.to_owned()),
         database_version: discovered
             .as_ref()
             .map(|d| d.database_version.clone())
@@ -131,7 +167,7 @@ pub async fn reconcile(
         bindings: i32::try_from(bindings.len()).unwrap_or(i32::MAX),
         ..Default::default()
     };
-    let mut conditions: Vec<_> = discovered_condition.into_iter().collect();
+    let mut conditions: Vec<_> = conflict.into_iter().chain(discovered_condition).collect();
     let mut warning = None;
     match &capacity {
         Ok(CapacityResolution::Known(c)) => {
@@ -275,27 +311,14 @@ pub async fn reconcile(
             source,
         })?;
         ctx.metrics.write("instance", "apply_status");
+        ctx.operators.wrote(uid);
         let reason_of = |cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
             find_condition(cs, condition_type::READY).map(|c| c.reason.clone())
         };
         if let Some((reason, note)) = warning
             && reason_of(prev) != reason_of(&status.conditions)
         {
-            let event = Event {
-                type_: EventType::Warning,
-                reason: reason.into(),
-                note: Some(note),
-                action: "Budget".into(),
-                secondary: None,
-            };
-            if ctx
-                .recorder
-                .publish(&event, &instance.object_ref(&()))
-                .await
-                .is_ok()
-            {
-                ctx.metrics.write("instance", "event");
-            }
+            publish(&ctx, &instance, reason, note).await;
         }
     }
 
@@ -330,22 +353,45 @@ pub async fn reconcile(
     Ok(Action::requeue(requeue))
 }
 
-pub fn error_policy(_instance: Arc<CloudSqlInstance>, err: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(instance: Arc<CloudSqlInstance>, _err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .errors
         .get_or_create(&crate::telemetry::ControllerLabel {
             controller: "instance".into(),
         })
         .inc();
-    super::retry_after(err)
+    Action::requeue(
+        ctx.backoff
+            .failed(&format!("instance {}", instance.name_any())),
+    )
 }
 
 fn status_equivalent(a: &CloudSqlInstanceStatus, b: &CloudSqlInstanceStatus) -> bool {
     a.observed_generation == b.observed_generation
+        && a.reconciled_by == b.reconciled_by
         && a.database_version == b.database_version
         && a.tier == b.tier
         && a.capacity == b.capacity
         && a.allocated == b.allocated
         && a.bindings == b.bindings
         && conditions_equivalent(&a.conditions, &b.conditions)
+}
+
+/// Publishes a Warning Event on the instance.
+async fn publish(ctx: &Context, instance: &CloudSqlInstance, reason: &str, note: String) {
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Budget".into(),
+        secondary: None,
+    };
+    if ctx
+        .recorder
+        .publish(&event, &instance.object_ref(&()))
+        .await
+        .is_ok()
+    {
+        ctx.metrics.write("instance", "event");
+    }
 }

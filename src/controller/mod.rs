@@ -4,11 +4,18 @@
 //! only what differs, with server-side apply and the `cloudsql-binder` field
 //! manager, and writes status only when it says something new.
 
+mod backoff;
 mod binding;
 pub use binding::MAX_LISTED_PODS;
 mod instance;
+pub mod operators;
+mod orphans;
 mod subset;
 pub mod world;
+
+pub use backoff::Backoff;
+pub use operators::Operators;
+pub use orphans::Orphans;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -21,9 +28,11 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::Api;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::predicates;
 use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::utils::{Predicate, PredicateConfig};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::broadcast;
@@ -49,13 +58,14 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-    /// The finalizer machinery failed.
-    #[error("finalizer of {object}: {message}")]
-    Finalizer {
+    /// A patch could not be built.
+    #[error("building the patch for {object}: {source}")]
+    Patch {
         /// The object.
         object: String,
-        /// What failed.
-        message: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
     },
     /// Cleanup is not finished yet (a workload still carries the injection).
     #[error("{0}")]
@@ -76,6 +86,13 @@ pub struct Options {
     pub discovery: Option<Arc<crate::gcp::CapacityDiscovery>>,
     /// How long an Admin API answer is used before it is asked again.
     pub discovery_refresh: Duration,
+    /// This operator installation's identity, written into the statuses it
+    /// writes (`status.reconciledBy`): replicas of one installation share it,
+    /// two installations must not.
+    pub identity: String,
+    /// How often every object is reconciled again, whatever the watches said
+    /// (the backstop of level-triggering).
+    pub resync: Duration,
 }
 
 impl Default for Options {
@@ -86,6 +103,8 @@ impl Default for Options {
             native_sidecars: None,
             discovery: None,
             discovery_refresh: Duration::from_secs(600),
+            identity: "cloudsql-binder".into(),
+            resync: Duration::from_secs(600),
         }
     }
 }
@@ -110,6 +129,12 @@ pub struct Context {
     /// The status each binding reconcile last wrote, until the store has
     /// caught up with that write (see [`StatusWrites`]).
     pub status_writes: StatusWrites,
+    /// Failures in a row per object, for exponential backoff.
+    pub backoff: Backoff,
+    /// Which objects another operator installation writes too.
+    pub operators: Operators,
+    /// Workloads that may carry an injection no binding wants any more.
+    pub orphans: Arc<Orphans>,
 }
 
 /// Status writes the binding store may not have seen yet. A reconcile that
@@ -198,9 +223,17 @@ impl Context {
     }
 }
 
-/// Strips what the controllers never read from cached objects.
+/// Strips what the controllers never read from cached objects: of the
+/// managed fields, only our field manager's entries are kept (they prove
+/// what a workload carries of ours; see `world::carries_our_fields`).
 fn trim<K: Resource>(obj: &mut K) {
-    obj.meta_mut().managed_fields = None;
+    let meta = obj.meta_mut();
+    if let Some(fields) = meta.managed_fields.as_mut() {
+        fields.retain(|m| m.manager.as_deref() == Some(crate::api::FIELD_MANAGER));
+        if fields.is_empty() {
+            meta.managed_fields = None;
+        }
+    }
 }
 
 /// A reflector for `K` whose store the controllers read; returns the store and
@@ -301,6 +334,7 @@ fn spawn_workload_mapper<K, S>(
     stream: S,
     stores: Stores,
     tx: broadcast::Sender<ObjectRef<CloudSqlBinding>>,
+    orphans: Arc<Orphans>,
 ) where
     K: Workload,
     S: Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -312,13 +346,22 @@ fn spawn_workload_mapper<K, S>(
                 Ok(obj) => {
                     let ns = obj.namespace().unwrap_or_default();
                     let labels = obj.meta().labels.clone();
-                    for r in bindings_for_workload(
+                    let bindings = bindings_for_workload(
                         &stores,
                         K::KIND,
                         &ns,
                         &obj.name_any(),
                         labels.as_ref(),
-                    ) {
+                    );
+                    // Ours, and no binding here will look at it: the sweeper does.
+                    if bindings.is_empty() && world::carries_our_fields(obj.meta()) {
+                        orphans.add(world::WorkloadId {
+                            kind: K::KIND,
+                            namespace: ns,
+                            name: obj.name_any(),
+                        });
+                    }
+                    for r in bindings {
                         let _ = tx.send(r);
                     }
                 }
@@ -373,6 +416,7 @@ fn watch_for_knative(
     client: Client,
     stores: Stores,
     tx: broadcast::Sender<ObjectRef<CloudSqlBinding>>,
+    orphans: Arc<Orphans>,
 ) {
     let generation = stores.budgets.generation().unwrap_or_default();
     tokio::spawn(async move {
@@ -400,7 +444,7 @@ fn watch_for_knative(
                 if let Ok(mut guard) = stores.knative.write() {
                     *guard = Some(store);
                 }
-                spawn_workload_mapper(stream, stores.clone(), tx.clone());
+                spawn_workload_mapper(stream, stores.clone(), tx.clone(), orphans.clone());
                 // Bindings waiting for Knative services can now find them.
                 for b in stores.bindings.state() {
                     let _ = tx.send(ObjectRef::from_obj(&*b));
@@ -469,6 +513,9 @@ pub struct Cluster {
     pub caps: TargetCapabilities,
     binding_events: broadcast::Sender<ObjectRef<CloudSqlBinding>>,
     instance_events: broadcast::Sender<ObjectRef<CloudSqlInstance>>,
+    /// Workloads the leader's sweeper looks at (kept while no leader runs:
+    /// deduplicated, so at most one entry per workload).
+    orphans: Arc<Orphans>,
 }
 
 impl Cluster {
@@ -484,6 +531,7 @@ impl Cluster {
         let generation = budgets.generation().unwrap_or_default();
         let (binding_tx, _) = broadcast::channel(TRIGGER_CAPACITY);
         let (instance_tx, _) = broadcast::channel(TRIGGER_CAPACITY);
+        let orphans = Arc::new(Orphans::default());
 
         let (deployments, deployment_stream) =
             reflect(Api::<Deployment>::all(client.clone()), generation.clone());
@@ -562,13 +610,48 @@ impl Cluster {
         if let Ok(mut guard) = stores_cell.write() {
             *guard = Some(stores.clone());
         }
-        spawn_workload_mapper(deployment_stream, stores.clone(), binding_tx.clone());
-        spawn_workload_mapper(sts_stream, stores.clone(), binding_tx.clone());
-        spawn_workload_mapper(ds_stream, stores.clone(), binding_tx.clone());
-        spawn_workload_mapper(rs_stream, stores.clone(), binding_tx.clone());
-        spawn_workload_mapper(cj_stream, stores.clone(), binding_tx.clone());
-        spawn_workload_mapper(job_stream, stores.clone(), binding_tx.clone());
-        watch_for_knative(client.clone(), stores.clone(), binding_tx.clone());
+        spawn_workload_mapper(
+            deployment_stream,
+            stores.clone(),
+            binding_tx.clone(),
+            orphans.clone(),
+        );
+        spawn_workload_mapper(
+            sts_stream,
+            stores.clone(),
+            binding_tx.clone(),
+            orphans.clone(),
+        );
+        spawn_workload_mapper(
+            ds_stream,
+            stores.clone(),
+            binding_tx.clone(),
+            orphans.clone(),
+        );
+        spawn_workload_mapper(
+            rs_stream,
+            stores.clone(),
+            binding_tx.clone(),
+            orphans.clone(),
+        );
+        spawn_workload_mapper(
+            cj_stream,
+            stores.clone(),
+            binding_tx.clone(),
+            orphans.clone(),
+        );
+        spawn_workload_mapper(
+            job_stream,
+            stores.clone(),
+            binding_tx.clone(),
+            orphans.clone(),
+        );
+        watch_for_knative(
+            client.clone(),
+            stores.clone(),
+            binding_tx.clone(),
+            orphans.clone(),
+        );
 
         // HPA changes move max pods: every binding of the HPA's namespace looks again.
         spawn_forwarder(hpa_stream, {
@@ -580,41 +663,65 @@ impl Cluster {
                 }
             }
         });
-        // A binding changed (as our store sees it) beyond its status: reconcile it.
-        spawn_forwarder(binding_stream, {
-            let tx = binding_tx.clone();
-            let store = stores.bindings.clone();
-            let changes = ChangeFilter::default();
-            move |b: &CloudSqlBinding| {
-                if changes.moved(b, &store, beyond_status(b)) {
+        // A binding changed beyond its status (kube's predicates: its
+        // generation, labels, annotations or finalizers moved; a new object
+        // passes): reconcile it. A deleted one: its instance's budget moved,
+        // and the workloads it injected are the sweeper's (no finalizer).
+        spawn_forwarder(
+            on_deletion(binding_stream, stores.bindings.clone(), {
+                let stores = stores.clone();
+                let itx = instance_tx.clone();
+                let orphans = orphans.clone();
+                move |b: &CloudSqlBinding| {
+                    let _ = itx.send(ObjectRef::new(&b.spec.instance_ref.name));
+                    let ns = b.namespace().unwrap_or_default();
+                    for id in stores.workloads_carrying_ours() {
+                        if id.namespace == ns && !stores.selected_by_any(&id) {
+                            orphans.add(id);
+                        }
+                    }
+                }
+            })
+            .predicate_filter(beyond_status(), PredicateConfig::default()),
+            {
+                let tx = binding_tx.clone();
+                move |b: &CloudSqlBinding| {
                     let _ = tx.send(ObjectRef::from_obj(b));
                 }
-            }
-        });
-        // An instance created, changed beyond its status, or deleted: it looks
-        // again; its bindings too, or when the database version they inject
-        // (from its status) moved.
-        spawn_forwarder(instance_stream, {
+            },
+        );
+        // An instance created, changed beyond its status (or in the database
+        // version its bindings inject, from its status), or deleted: it looks
+        // again, and so do its bindings.
+        let instance_changed = {
             let stores = stores.clone();
             let tx = binding_tx.clone();
             let itx = instance_tx.clone();
-            let (own, for_bindings) = (ChangeFilter::default(), ChangeFilter::default());
             move |instance: &CloudSqlInstance| {
-                if own.moved(instance, &stores.instances, beyond_status(instance)) {
-                    let _ = itx.send(ObjectRef::from_obj(instance));
-                }
-                let version = instance
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.database_version.as_deref());
-                let seen_by_bindings = fingerprint((beyond_status(instance), version));
-                if for_bindings.moved(instance, &stores.instances, seen_by_bindings) {
-                    for b in stores.bindings_of_any_order(&instance.name_any()) {
-                        let _ = tx.send(ObjectRef::from_obj(&*b));
-                    }
+                let _ = itx.send(ObjectRef::from_obj(instance));
+                for b in stores.bindings_of_any_order(&instance.name_any()) {
+                    let _ = tx.send(ObjectRef::from_obj(&*b));
                 }
             }
-        });
+        };
+        spawn_forwarder(
+            on_deletion(
+                instance_stream,
+                stores.instances.clone(),
+                instance_changed.clone(),
+            )
+            .predicate_filter(
+                beyond_status().combine(|i: &CloudSqlInstance| {
+                    Some(fingerprint(
+                        i.status
+                            .as_ref()
+                            .and_then(|s| s.database_version.as_deref()),
+                    ))
+                }),
+                PredicateConfig::default(),
+            ),
+            instance_changed,
+        );
 
         // Everything reads these stores: return only once they have synced, so
         // a restart never computes from a half-filled cache (and never writes).
@@ -636,6 +743,7 @@ impl Cluster {
             caps,
             binding_events: binding_tx,
             instance_events: instance_tx,
+            orphans,
         })
     }
 }
@@ -650,49 +758,34 @@ fn fingerprint(value: impl std::hash::Hash) -> u64 {
 /// What of one of our objects its own reconcile reads, but its status, which
 /// that reconcile writes: a reconcile triggered by its own status write would
 /// find (while pods are being created) a new pod count, write it, and trigger
-/// itself again, as fast as the API server answers.
-fn beyond_status<K: Resource>(obj: &K) -> u64 {
-    let meta = obj.meta();
-    fingerprint((
-        &meta.uid,
-        meta.generation,
-        meta.deletion_timestamp
-            .as_ref()
-            .map(|t| t.0.as_millisecond()),
-        &meta.finalizers,
-        &meta.labels,
-        &meta.annotations,
-    ))
+/// itself again, as fast as the API server answers. kube's predicates; the
+/// cache behind them is keyed by uid, so a recreated object passes.
+fn beyond_status<K: Resource + 'static>() -> impl Predicate<K> + Send + 'static {
+    predicates::generation
+        .combine(predicates::labels)
+        .combine(predicates::annotations)
+        .combine(predicates::finalizers)
 }
 
-/// Remembers a fingerprint per object, to pass on only the changes that move
-/// it (and deletions).
-struct ChangeFilter<K: Resource<DynamicType = ()>> {
-    seen: std::sync::Mutex<std::collections::HashMap<ObjectRef<K>, u64>>,
-}
-
-impl<K: Resource<DynamicType = ()>> Default for ChangeFilter<K> {
-    fn default() -> Self {
-        ChangeFilter {
-            seen: Default::default(),
+/// Calls `on_delete` for every object of a touched-objects stream that is no
+/// longer in `store` (the reflector upstream has applied its deletion), and
+/// passes every item on.
+fn on_deletion<K, S>(
+    stream: S,
+    store: Store<K>,
+    on_delete: impl Fn(&K) + Send + 'static,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+    S: Stream<Item = Result<K, watcher::Error>> + Send,
+{
+    stream.inspect(move |item| {
+        if let Ok(obj) = item
+            && store.get(&ObjectRef::from_obj(obj)).is_none()
+        {
+            on_delete(obj);
         }
-    }
-}
-
-impl<K: Resource<DynamicType = ()> + Clone> ChangeFilter<K> {
-    /// Whether `obj`, whose event `store` has just applied, moved: new, its
-    /// fingerprint changed, or gone from the store (deleted).
-    fn moved(&self, obj: &K, store: &Store<K>, fingerprint: u64) -> bool {
-        let r = ObjectRef::from_obj(obj);
-        let Ok(mut seen) = self.seen.lock() else {
-            return true;
-        };
-        if store.get(&r).is_none() {
-            seen.remove(&r);
-            return true;
-        }
-        seen.insert(r, fingerprint) != Some(fingerprint)
-    }
+    })
 }
 
 /// Bindings to reconcile when a pod changes: those that select or list it as
@@ -767,7 +860,18 @@ where
     })
 }
 
-/// Runs both controllers (the leader's job) until `shutdown` resolves.
+/// Every object of a store now, and again every `period`: the first tick
+/// reconciles everything the stores hold when the controllers start (objects
+/// created, changed or deleted while no leader ran; triggers sent before
+/// this leader subscribed), the later ones are the resync backstop.
+fn every_object_now_and_every(period: Duration) -> impl Stream<Item = ()> + Send {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio_stream::wrappers::IntervalStream::new(interval).map(|_| ())
+}
+
+/// Runs both controllers and the sweeper (the leader's job) until
+/// `shutdown` resolves.
 pub async fn run_controllers(
     client: Client,
     cluster: Arc<Cluster>,
@@ -776,17 +880,8 @@ pub async fn run_controllers(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let stores = cluster.stores.clone();
-    // The controllers read the stores every replica keeps, and reconcile on
-    // the triggers above only (no watch of their own: one that passed their
-    // own status writes back to them would loop).
-    let binding_controller = Controller::for_stream(
-        futures::stream::pending::<Result<CloudSqlBinding, watcher::Error>>(),
-        stores.bindings.clone(),
-    );
-    let instance_controller = Controller::for_stream(
-        futures::stream::pending::<Result<CloudSqlInstance, watcher::Error>>(),
-        stores.instances.clone(),
-    );
+    // Subscribed before the first bulk reconcile reads the stores: a change
+    // is either in the store that reconcile reads, or arrives as a trigger.
     let binding_triggers = triggers(cluster.binding_events.subscribe(), {
         let stores = stores.clone();
         move || {
@@ -809,10 +904,22 @@ pub async fn run_controllers(
                 .collect()
         }
     });
+    // The controllers read the stores every replica keeps, and reconcile on
+    // the triggers above, on start and on resync (no watch of their own: one
+    // that passed their own status writes back to them would loop).
+    let binding_controller = Controller::for_stream(
+        futures::stream::pending::<Result<CloudSqlBinding, watcher::Error>>(),
+        stores.bindings.clone(),
+    );
+    let instance_controller = Controller::for_stream(
+        futures::stream::pending::<Result<CloudSqlInstance, watcher::Error>>(),
+        stores.instances.clone(),
+    );
     let reporter = Reporter {
         controller: "cloudsql-binder".into(),
         instance: options.reporter_instance.clone(),
     };
+    let resync = options.resync;
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
@@ -824,15 +931,30 @@ pub async fn run_controllers(
         binding_trigger: cluster.binding_events.clone(),
         instance_seen: Default::default(),
         status_writes: Default::default(),
+        backoff: Default::default(),
+        operators: Default::default(),
+        orphans: cluster.orphans.clone(),
     });
 
     let shutdown = shutdown.shared();
     let config = kube::runtime::controller::Config::default().concurrency(16);
     let bindings = binding_controller
         .with_config(config.clone())
+        .reconcile_all_on(every_object_now_and_every(resync))
         .reconcile_on(binding_triggers)
         .graceful_shutdown_on(shutdown.clone())
-        .run(binding::reconcile, binding::error_policy, ctx.clone())
+        .run(
+            |binding, ctx: Arc<Context>| async move {
+                let key = world::binding_key(&binding);
+                let result = binding::reconcile(binding, ctx.clone()).await;
+                if result.is_ok() {
+                    ctx.backoff.succeeded(&key);
+                }
+                result
+            },
+            binding::error_policy,
+            ctx.clone(),
+        )
         .for_each(|res| async move {
             if let Err(err) = res {
                 warn!(error = %err, "binding reconcile failed");
@@ -840,15 +962,28 @@ pub async fn run_controllers(
         });
     let instances = instance_controller
         .with_config(config)
+        .reconcile_all_on(every_object_now_and_every(resync))
         .reconcile_on(instance_triggers)
-        .graceful_shutdown_on(shutdown)
-        .run(instance::reconcile, instance::error_policy, ctx)
+        .graceful_shutdown_on(shutdown.clone())
+        .run(
+            |instance, ctx: Arc<Context>| async move {
+                let key = format!("instance {}", instance.name_any());
+                let result = instance::reconcile(instance, ctx.clone()).await;
+                if result.is_ok() {
+                    ctx.backoff.succeeded(&key);
+                }
+                result
+            },
+            instance::error_policy,
+            ctx.clone(),
+        )
         .for_each(|res| async move {
             if let Err(err) = res {
                 warn!(error = %err, "instance reconcile failed");
             }
         });
-    tokio::join!(bindings, instances);
+    let sweeper = orphans::sweep(ctx, shutdown);
+    tokio::join!(bindings, instances, sweeper);
 }
 
 /// Starts the stores, marks the process ready, and runs the controllers until
@@ -877,11 +1012,6 @@ where
         .await
         .is_err()
     {}
-}
-
-/// Requeue delay after an error (the controller adds its own backoff per object).
-pub(crate) fn retry_after(_err: &Error) -> Action {
-    Action::requeue(Duration::from_secs(5))
 }
 
 #[cfg(test)]
@@ -1025,8 +1155,8 @@ mod tests {
         assert_eq!(writes.pending(&at("10")), None);
     }
 
-    #[test]
-    fn only_changes_beyond_status_and_deletions_pass_the_filter() {
+    #[tokio::test]
+    async fn only_changes_beyond_status_and_deletions_pass_the_filter() {
         let (store, mut writer) = reflector::store::<CloudSqlBinding>();
         let binding: CloudSqlBinding = serde_json::from_value(serde_json::json!({
             "apiVersion": "cloudsql.dev/v1alpha1", "kind": "CloudSqlBinding",
@@ -1036,36 +1166,67 @@ mod tests {
                      "workloads": [{"kind": "Pod", "selector": {"matchLabels": {"app": "api"}}}]}
         }))
         .expect("a binding");
-        let filter = ChangeFilter::default();
-        let mut seen = |b: &CloudSqlBinding, event: watcher::Event<CloudSqlBinding>| {
-            writer.apply_watcher_event(&event);
-            filter.moved(b, &store, beyond_status(b))
-        };
-        assert!(
-            seen(&binding, watcher::Event::Apply(binding.clone())),
-            "new"
-        );
-        // Its own status write (a new pod count): not passed on.
+        // Its own status write (a new pod count).
         let mut counted = binding.clone();
         counted.status = Some(crate::api::CloudSqlBindingStatus {
             workloads_summary: Some("25/25".into()),
             ..Default::default()
         });
-        assert!(!seen(&counted, watcher::Event::Apply(counted.clone())));
-        // A spec change (generation), a label, a finalizer, deletion: passed on.
+        // A spec change (generation), a label, a finalizer.
         let mut edited = counted.clone();
         edited.metadata.generation = Some(2);
-        assert!(seen(&edited, watcher::Event::Apply(edited.clone())));
-        edited.metadata.labels = Some([("team".to_owned(), "a".to_owned())].into());
-        assert!(seen(&edited, watcher::Event::Apply(edited.clone())));
-        edited.metadata.finalizers = Some(vec![binding::FINALIZER.to_owned()]);
-        assert!(seen(&edited, watcher::Event::Apply(edited.clone())));
-        edited.metadata.deletion_timestamp =
-            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::now(),
-            ));
-        assert!(seen(&edited, watcher::Event::Apply(edited.clone())));
-        // Gone from the store, even with nothing else changed.
-        assert!(seen(&edited, watcher::Event::Delete(edited.clone())));
+        let mut labelled = edited.clone();
+        labelled.metadata.labels = Some([("team".to_owned(), "a".to_owned())].into());
+        let mut held = labelled.clone();
+        held.metadata.finalizers = Some(vec!["example.com/hold".to_owned()]);
+        // Recreated under the same name: a new uid.
+        let mut recreated = binding.clone();
+        recreated.metadata.uid = Some("u2".into());
+        let events = vec![
+            watcher::Event::Apply(binding.clone()),
+            watcher::Event::Apply(counted.clone()),
+            watcher::Event::Apply(edited.clone()),
+            watcher::Event::Apply(labelled.clone()),
+            watcher::Event::Apply(held.clone()),
+            watcher::Event::Delete(held.clone()),
+            watcher::Event::Apply(recreated.clone()),
+        ];
+        // What the reflector does upstream: apply each event to the store.
+        let touched = futures::stream::iter(events).map(move |e| {
+            writer.apply_watcher_event(&e);
+            Ok::<_, watcher::Error>(match e {
+                watcher::Event::Apply(o) | watcher::Event::Delete(o) => o,
+                _ => unreachable!("only applies and deletes are sent"),
+            })
+        });
+        let deleted = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let passed: Vec<(Option<String>, Option<i64>)> = on_deletion(touched, store, {
+            let deleted = deleted.clone();
+            move |b: &CloudSqlBinding| {
+                if let Ok(mut d) = deleted.lock() {
+                    d.push(b.metadata.uid.clone());
+                }
+            }
+        })
+        .predicate_filter(beyond_status(), PredicateConfig::default())
+        .map(|b| {
+            let b = b.expect("no errors");
+            (b.metadata.uid.clone(), b.metadata.generation)
+        })
+        .collect()
+        .await;
+        let u = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            passed,
+            [
+                (u("u1"), Some(1)), // new
+                (u("u1"), Some(2)), // generation
+                (u("u1"), Some(2)), // labels
+                (u("u1"), Some(2)), // finalizers
+                (u("u2"), Some(1)), // recreated
+            ],
+            "the status write and the deletion must not pass the filter"
+        );
+        assert_eq!(*deleted.lock().expect("lock"), [u("u1")]);
     }
 }

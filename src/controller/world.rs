@@ -358,9 +358,66 @@ fn entry_selects(
     }
 }
 
+/// Whether our field manager owns anything in the object's spec (its pod
+/// template): the proof that the object carries an injection of ours. The
+/// record annotation alone is not: the workload's owner can write it (or
+/// copy it from `kubectl get -o yaml` of an injected object).
+pub fn carries_our_fields(meta: &ObjectMeta) -> bool {
+    meta.managed_fields.iter().flatten().any(|m| {
+        m.manager.as_deref() == Some(crate::api::FIELD_MANAGER)
+            && m.subresource.as_deref().unwrap_or_default().is_empty()
+            && m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.get("f:spec").is_some())
+    })
+}
+
+/// The workloads of `store` that carry our fields (see [`carries_our_fields`]).
+fn carrying_ours<K: Workload>(store: &Store<K>, out: &mut Vec<WorkloadId>) {
+    for obj in store.state() {
+        if carries_our_fields(obj.meta()) {
+            out.push(WorkloadId {
+                kind: K::KIND,
+                namespace: obj.namespace().unwrap_or_default(),
+                name: obj.name_any(),
+            });
+        }
+    }
+}
+
 impl Stores {
     fn knative_store(&self) -> Option<Store<KnativeService>> {
         self.knative.read().ok().and_then(|g| g.clone())
+    }
+
+    /// Every workload with a mutable template that carries fields of ours.
+    pub fn workloads_carrying_ours(&self) -> Vec<WorkloadId> {
+        let mut out = Vec::new();
+        carrying_ours(&self.deployments, &mut out);
+        carrying_ours(&self.stateful_sets, &mut out);
+        carrying_ours(&self.daemon_sets, &mut out);
+        carrying_ours(&self.replica_sets, &mut out);
+        carrying_ours(&self.cron_jobs, &mut out);
+        if let Some(knative) = self.knative_store() {
+            carrying_ours(&knative, &mut out);
+        }
+        out
+    }
+
+    /// Whether workload `id` carries fields of ours (see [`carries_our_fields`]).
+    pub fn carries_ours(&self, id: &WorkloadId) -> bool {
+        self.with_template(id, |meta, _, _| carries_our_fields(meta))
+            .unwrap_or(false)
+    }
+
+    /// Whether any binding of the workload's namespace selects it now.
+    pub fn selected_by_any(&self, id: &WorkloadId) -> bool {
+        let labels = self
+            .with_template(id, |meta, _, _| meta.labels.clone())
+            .flatten();
+        self.bindings_in_any_order(&id.namespace)
+            .iter()
+            .any(|b| Stores::selects(b, id.kind, &id.name, labels.as_ref()))
     }
 
     /// Every workload a binding selects now, deduplicated and sorted.

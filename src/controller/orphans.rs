@@ -1,0 +1,92 @@
+//! Removal without finalizers. A binding deleted (while the operator runs or
+//! not), a workload relabelled out of every selector, a namespace no longer
+//! allowed: each leaves a workload carrying fields of ours that no binding
+//! wants. Such workloads are found from the workloads themselves (what our
+//! field manager owns in them), at start-up, on every resync, on a binding's
+//! deletion and on the workload's own events, and brought back to what the
+//! remaining bindings want, which takes out exactly the fields we own.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use super::Context;
+use super::world::WorkloadId;
+
+/// Workloads waiting to be looked at.
+#[derive(Default)]
+pub struct Orphans {
+    pending: Mutex<BTreeSet<WorkloadId>>,
+    wake: Notify,
+}
+
+impl Orphans {
+    /// Asks for a look at `id` (deduplicated).
+    pub fn add(&self, id: WorkloadId) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.insert(id);
+        }
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Vec<WorkloadId> {
+        self.pending
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p).into_iter().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Queues every workload that carries fields of ours but that no binding
+/// selects.
+pub fn scan(ctx: &Context) {
+    for id in ctx.stores.workloads_carrying_ours() {
+        if ctx.watches_namespace(&id.namespace) && !ctx.stores.selected_by_any(&id) {
+            ctx.orphans.add(id);
+        }
+    }
+}
+
+/// The leader's sweeper: takes the injection out of workloads no binding
+/// wants, until `shutdown` resolves. Failures are retried with per-workload
+/// exponential backoff.
+pub async fn sweep(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()>) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut resync = tokio::time::interval(ctx.options.resync);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = resync.tick() => scan(&ctx),
+            () = ctx.orphans.wake.notified() => {}
+        }
+        for id in ctx.orphans.take() {
+            // Looked at again now: a binding may have come for it meanwhile
+            // (its own reconcile injects it), or the fields may be gone.
+            if !ctx.watches_namespace(&id.namespace)
+                || !ctx.stores.carries_ours(&id)
+                || ctx.stores.selected_by_any(&id)
+            {
+                continue;
+            }
+            let key = format!("orphan {id}");
+            match super::binding::sync_workload(id.clone(), "", None, &ctx).await {
+                Ok(_) => {
+                    ctx.backoff.succeeded(&key);
+                    info!(workload = %id, "no binding selects it any more: injection removed");
+                }
+                Err(err) => {
+                    let wait = ctx.backoff.failed(&key);
+                    warn!(workload = %id, error = %err, retry_in = ?wait, "removing the injection failed");
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        ctx.orphans.add(id);
+                    });
+                }
+            }
+        }
+    }
+}
