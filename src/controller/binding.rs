@@ -19,13 +19,15 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, instrument, warn};
 
+use super::binding_status::{BindingView, Budget, Note, Pool, Resolution, binding_status};
+use super::missed::MissedReport;
 use super::operators::{HOLD_OFF, Stance, conflict_message};
 use super::subset;
 use super::world::{ADMISSION_HASH_ANNOTATION, Eligibility, Outcome, WorkloadId, binding_key};
 use super::{Context, Error};
 use crate::api::{
-    BoundInstance, CloudSqlBinding, CloudSqlBindingStatus, FIELD_MANAGER, PoolStatus, WorkloadKind,
-    WorkloadStatus, condition, condition_type, conditions_equivalent,
+    BoundInstance, CloudSqlBinding, CloudSqlBindingStatus, FIELD_MANAGER, Reason, WorkloadKind,
+    WorkloadStatus, conditions_equivalent,
 };
 use crate::budget::CapacityResolution;
 use crate::plan::INJECTED_ANNOTATION;
@@ -34,9 +36,6 @@ use crate::plan::INJECTED_ANNOTATION;
 /// none and takes it out: with the operator stopped it held namespaces in
 /// `Terminating` forever.
 pub const LEGACY_FINALIZER: &str = "cloudsql.dev/cleanup";
-
-/// The reason of condition `OperatorConflict` and of its Events.
-pub const OPERATOR_CONFLICT_REASON: &str = "AnotherOperator";
 
 /// How often a binding whose workloads are injected at admission looks for
 /// pods that missed the webhook.
@@ -192,10 +191,10 @@ pub(super) async fn sync_workload(
     if !id.kind.has_mutable_template() {
         if admission {
             status.injected = true;
-            status.reason = Some("Admission".into());
+            status.reason = Some(Reason::Admission.to_string());
             status.message = Some("pods are injected at creation by the admission webhook".into());
         } else {
-            status.reason = Some("NeedsAdmission".into());
+            status.reason = Some(Reason::NeedsAdmission.to_string());
             status.message = Some(format!(
                 "a {}'s pod template cannot be changed after creation; it needs the admission webhook",
                 id.kind
@@ -255,7 +254,7 @@ pub(super) async fn sync_workload(
         )
     });
     let Some((desire, partial, hashes, had_injection)) = computed else {
-        status.reason = Some("NotFound".into());
+        status.reason = Some(Reason::NotFound.to_string());
         status.message = Some(format!("{id} does not exist"));
         return Ok(status);
     };
@@ -295,7 +294,7 @@ pub(super) async fn sync_workload(
             (desire.template_injection(), desire.admission_injection());
         let (reason, note) = if !template_injection.is_empty() {
             (
-                "Injected",
+                Reason::Injected,
                 format!(
                     "injected Cloud SQL for {} (config hash {})",
                     bindings_of(&template_injection),
@@ -304,7 +303,7 @@ pub(super) async fn sync_workload(
             )
         } else if !admission_injection.is_empty() {
             (
-                "Injected",
+                Reason::Injected,
                 format!(
                     "pods get Cloud SQL for {} at admission (config hash {})",
                     bindings_of(&admission_injection),
@@ -312,12 +311,22 @@ pub(super) async fn sync_workload(
                 ),
             )
         } else {
-            ("Cleaned", "removed the Cloud SQL injection".to_string())
+            (
+                Reason::Cleaned,
+                "removed the Cloud SQL injection".to_string(),
+            )
         };
         if !desire.injection.is_empty() || had_injection {
-            publish(ctx, &object_reference(&id), EventType::Normal, reason, note).await;
+            publish(
+                ctx,
+                &object_reference(&id),
+                EventType::Normal,
+                reason.as_str(),
+                note,
+            )
+            .await;
         }
-        info!(workload = %id, reason, "applied");
+        info!(workload = %id, reason = %reason, "applied");
     }
     match desire.outcomes.get(key) {
         Some(Outcome::Injected) if desire.at_admission.contains(key) => {
@@ -325,11 +334,11 @@ pub(super) async fn sync_workload(
             status.config_hash = hashes.admission;
             status.reason = Some(
                 if admission {
-                    "Admission"
+                    Reason::Admission
                 } else {
-                    "NeedsAdmission"
+                    Reason::NeedsAdmission
                 }
-                .into(),
+                .to_string(),
             );
             status.message = Some(if admission {
                 "pods are injected at creation by the admission webhook".into()
@@ -342,11 +351,11 @@ pub(super) async fn sync_workload(
             status.config_hash = hashes.template;
         }
         Some(Outcome::Conflict(message)) => {
-            status.reason = Some("Conflict".into());
+            status.reason = Some(Reason::Conflict.to_string());
             status.message = Some(message.clone());
         }
         Some(Outcome::PlanFailed(message)) => {
-            status.reason = Some("PlanFailed".into());
+            status.reason = Some(Reason::PlanFailed.to_string());
             status.message = Some(message.clone());
         }
         None => {}
@@ -458,7 +467,7 @@ pub const MAX_LISTED_PODS: usize = 20;
 /// The entries of `status.workloads`: every workload, but at most
 /// [`MAX_LISTED_PODS`] bare Pods, those with a problem first; in the order
 /// given.
-fn listed(workloads: Vec<WorkloadStatus>) -> Vec<WorkloadStatus> {
+pub(super) fn listed(workloads: Vec<WorkloadStatus>) -> Vec<WorkloadStatus> {
     let is_pod = |w: &WorkloadStatus| w.kind == WorkloadKind::Pod.as_str();
     let pods = workloads.iter().filter(|w| is_pod(w)).count();
     if pods <= MAX_LISTED_PODS {
@@ -483,416 +492,224 @@ fn listed(workloads: Vec<WorkloadStatus>) -> Vec<WorkloadStatus> {
         .collect()
 }
 
+/// The reconcile of a binding that exists: dereference (the stores) →
+/// plan and apply (per workload: what every binding on it wants, applied
+/// when it differs) → status (pure) → write.
 async fn apply(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action, Error> {
     let key = binding_key(&binding);
-    let ns = binding.namespace().unwrap_or_default();
-    let generation = binding.metadata.generation;
-    let now = Timestamp::now();
-    let previous = binding.status.clone().unwrap_or_default();
-    let prev_conditions = &previous.conditions;
     let me = ctx.options.identity.as_str();
-    let uid = binding.metadata.uid.as_deref();
-
-    let stance = ctx
-        .operators
-        .stance(me, uid, previous.reconciled_by.as_deref());
-    if let Stance::StandBack { other, newly } = &stance {
-        // Another installation keeps this binding: write nothing, say so once.
-        if *newly {
-            let note = conflict_message("CloudSqlBinding", me, other, false);
-            warn!(binding = %key, "{note}");
-            publish(
-                ctx,
-                &binding.object_ref(&()),
-                EventType::Warning,
-                OPERATOR_CONFLICT_REASON,
-                note,
-            )
-            .await;
-        }
-        return Ok(Action::requeue(HOLD_OFF));
-    }
-
-    let results = sync_all(&binding, None, ctx).await?;
-    let mut workloads: Vec<WorkloadStatus> = Vec::new();
-    for r in &results {
-        let mut status = r.status.clone();
-        if r.selected {
-            if let Some(m) = ctx.stores.max_pods(&r.id) {
-                status.max_pods = Some(i64::from(m.count));
+    let stance = ctx.operators.stance(
+        me,
+        binding.metadata.uid.as_deref(),
+        binding
+            .status
+            .as_ref()
+            .and_then(|s| s.reconciled_by.as_deref()),
+    );
+    let operator_conflict = match &stance {
+        Stance::Sole => None,
+        Stance::Keep { other, newly } => {
+            let message = conflict_message("CloudSqlBinding", me, other, true);
+            if *newly {
+                warn!(binding = %key, "{message}");
+                publish_on_binding(
+                    ctx,
+                    &binding,
+                    EventType::Warning,
+                    Reason::AnotherOperator,
+                    message.clone(),
+                )
+                .await;
             }
-            workloads.push(status);
+            Some(message)
         }
-    }
-    let injected = workloads.iter().filter(|w| w.injected).count();
-    let matched = workloads.len();
-
-    let mut status = CloudSqlBindingStatus {
-        observed_generation: generation,
-        reconciled_by: Some(me.to_owned()),
-        workloads_summary: Some(format!("{injected}/{matched}")),
-        ..Default::default()
+        Stance::StandBack { other, newly } => {
+            // Another installation keeps this binding: write nothing, say so once.
+            if *newly {
+                let note = conflict_message("CloudSqlBinding", me, other, false);
+                warn!(binding = %key, "{note}");
+                publish_on_binding(
+                    ctx,
+                    &binding,
+                    EventType::Warning,
+                    Reason::AnotherOperator,
+                    note,
+                )
+                .await;
+            }
+            return Ok(Action::requeue(HOLD_OFF));
+        }
     };
-    let mut conditions = Vec::new();
-    let mut events: Vec<(EventType, &str, String)> = Vec::new();
-    if let Stance::Keep { other, newly } = &stance {
-        let message = conflict_message("CloudSqlBinding", me, other, true);
-        if *newly {
-            warn!(binding = %key, "{message}");
-            publish(
-                ctx,
-                &binding.object_ref(&()),
-                EventType::Warning,
-                OPERATOR_CONFLICT_REASON,
-                message.clone(),
-            )
-            .await;
-        }
-        conditions.push(condition(
-            prev_conditions,
-            condition_type::OPERATOR_CONFLICT,
-            true,
-            OPERATOR_CONFLICT_REASON,
-            message,
-            generation,
-            now,
-        ));
-    }
-    let instance_name = binding.spec.instance_ref.name.clone();
-    let mut retry_soon = false;
+    let Some(view) = dereference(&binding, ctx, operator_conflict) else {
+        return Ok(Action::await_change());
+    };
+    let workloads = selected_entries(sync_all(&binding, None, ctx).await?, ctx);
+    let missed = match &view.resolution {
+        Resolution::Eligible(_) => missed_injections(&binding, ctx).await,
+        _ => None,
+    };
+    let (status, notes) = binding_status(&view, workloads, missed.as_ref(), Timestamp::now());
+    write_status(&binding, &view.previous, &status, notes, ctx).await?;
 
-    match ctx.stores.eligibility(&binding) {
-        Eligibility::InstanceMissing => {
-            let message = format!(
-                "CloudSqlInstance {instance_name:?} does not exist; workloads are left as they are until it does"
-            );
-            status.instance = previous.instance.clone();
-            status.pool = previous.pool.clone();
-            conditions.push(condition(
-                prev_conditions,
-                condition_type::READY,
-                false,
-                "InstanceNotFound",
-                &message,
-                generation,
-                now,
-            ));
-            conditions.push(condition(
-                prev_conditions,
-                condition_type::INSTANCE_RESOLVED,
-                false,
-                "InstanceNotFound",
-                &message,
-                generation,
-                now,
-            ));
-            events.push((EventType::Warning, "InstanceNotFound", message));
-        }
-        Eligibility::NamespaceNotAllowed(_) => {
-            let message = format!(
-                "CloudSqlInstance {instance_name:?} does not allow bindings from namespace {ns:?} (spec.allowedNamespaces); nothing is injected"
-            );
-            conditions.push(condition(
-                prev_conditions,
-                condition_type::READY,
-                false,
-                "NamespaceNotAllowed",
-                &message,
-                generation,
-                now,
-            ));
-            conditions.push(condition(
-                prev_conditions,
-                condition_type::INSTANCE_RESOLVED,
-                false,
-                "NamespaceNotAllowed",
-                &message,
-                generation,
-                now,
-            ));
-            events.push((EventType::Warning, "NamespaceNotAllowed", message));
-        }
-        Eligibility::Deleting => return Ok(Action::await_change()),
-        Eligibility::Eligible(instance) => {
-            status.instance = Some(BoundInstance {
-                connection_name: instance.spec.connection_name.clone(),
-                database_version: instance
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.database_version.clone())
-                    .or_else(|| instance.spec.database_version.clone()),
-            });
-            conditions.push(condition(
-                prev_conditions,
-                condition_type::INSTANCE_RESOLVED,
-                true,
-                "Resolved",
-                format!(
-                    "bound to {} ({})",
-                    instance_name, instance.spec.connection_name
-                ),
-                generation,
-                now,
-            ));
-
-            // Pool arithmetic.
-            let capacity = ctx
-                .stores
-                .capacity(&instance, ctx.stores.discovered(&instance));
-            let budget = ctx.stores.budget(&instance, &capacity);
-            let grant = ctx.stores.grant(&binding, &instance).per_pod;
-            let max_pods = budget.max_pods.get(&key).copied().unwrap_or(0);
-            let requested = i64::from(binding.spec.pool.max_per_pod);
-            status.pool = Some(PoolStatus {
-                requested_per_pod: requested,
-                granted_per_pod: i64::from(grant),
-                max_pods: i64::from(max_pods),
-                connections: i64::from(grant) * i64::from(max_pods),
-                summary: format!("{grant}/{requested}"),
-            });
-            let budget_condition = match (&capacity, &budget.allocation) {
-                (Ok(CapacityResolution::Known(c)), Some(a)) if a.fits => {
-                    let connections = u64::from(grant) * u64::from(max_pods);
-                    let reason = if i64::from(grant) >= requested {
-                        "Fits"
-                    } else {
-                        "Shared"
-                    };
-                    // Only this binding's arithmetic and the capacity: the
-                    // instance-wide total allocated (on the instance's status)
-                    // moves with every other binding, and would rewrite the
-                    // status of every binding on the instance when one changes.
-                    let message = format!(
-                        "{grant} connections per pod x {max_pods} pods = {connections} of the {} usable on {instance_name}",
-                        c.usable()
-                    );
-                    condition(
-                        prev_conditions,
-                        condition_type::BUDGET_FITS,
-                        true,
-                        reason,
-                        message,
-                        generation,
-                        now,
-                    )
-                }
-                (Ok(CapacityResolution::Known(c)), Some(a)) => {
-                    let message = format!(
-                        "minimum pools need {} connections; {instance_name} has {} usable; granted minPerPod {grant}",
-                        a.needed_min,
-                        c.usable()
-                    );
-                    events.push((EventType::Warning, "Overcommitted", message.clone()));
-                    condition(
-                        prev_conditions,
-                        condition_type::BUDGET_FITS,
-                        false,
-                        "Overcommitted",
-                        message,
-                        generation,
-                        now,
-                    )
-                }
-                (Ok(CapacityResolution::Unknown(why)), _) => {
-                    let message = format!("{why}; granted minPerPod {grant}");
-                    condition(
-                        prev_conditions,
-                        condition_type::BUDGET_FITS,
-                        false,
-                        "CapacityUnknown",
-                        message,
-                        generation,
-                        now,
-                    )
-                }
-                (Ok(CapacityResolution::Known(_)), None) => {
-                    let message = format!(
-                        "the bindings of {instance_name} could not be allocated; granted minPerPod {grant}"
-                    );
-                    condition(
-                        prev_conditions,
-                        condition_type::BUDGET_FITS,
-                        false,
-                        "CapacityUnknown",
-                        message,
-                        generation,
-                        now,
-                    )
-                }
-                (Err(why), _) => {
-                    let message = format!(
-                        "the capacity of {instance_name} could not be resolved: {why}; granted minPerPod {grant}"
-                    );
-                    condition(
-                        prev_conditions,
-                        condition_type::BUDGET_FITS,
-                        false,
-                        "CapacityUnknown",
-                        message,
-                        generation,
-                        now,
-                    )
-                }
-            };
-            conditions.push(budget_condition);
-
-            // Pods that came without their injection (the webhook was not called).
-            let missed = if crate::webhook::serves_namespace(&ns) {
-                crate::webhook::missed::missed_pods(&ctx.stores, &binding)
-            } else {
-                Vec::new()
-            };
-            let missed = if missed.is_empty() {
-                None
-            } else {
-                Some(crate::webhook::missed::report(ctx, &binding, &missed).await)
-            };
-            retry_soon = missed.as_ref().is_some_and(|m| m.retry);
-
-            // Workloads.
-            let problems: Vec<&WorkloadStatus> = workloads.iter().filter(|w| !w.injected).collect();
-            let conflict = problems
-                .iter()
-                .find(|w| w.reason.as_deref() == Some("Conflict"));
-            let (bound, reason, message) = if matched == 0 {
-                (
-                    false,
-                    "NoWorkloads",
-                    "no workload matches spec.workloads in this namespace".to_string(),
-                )
-            } else if let Some(w) = conflict {
-                (
-                    false,
-                    "Conflict",
-                    format!(
-                        "{} {}: {}",
-                        w.kind,
-                        w.name,
-                        w.message.clone().unwrap_or_default()
-                    ),
-                )
-            } else if let Some(report) = &missed {
-                (false, "InjectionMissed", report.message.clone())
-            } else if let Some(w) = problems.first() {
-                (
-                    false,
-                    w.reason
-                        .clone()
-                        .map(|r| {
-                            if r == "NeedsAdmission" {
-                                "NeedsAdmission"
-                            } else {
-                                "NotInjected"
-                            }
-                        })
-                        .unwrap_or("NotInjected"),
-                    format!(
-                        "{} {}: {}",
-                        w.kind,
-                        w.name,
-                        w.message.clone().unwrap_or_default()
-                    ),
-                )
-            } else {
-                (
-                    true,
-                    "Injected",
-                    format!("{injected} of {matched} workloads injected"),
-                )
-            };
-            if reason == "Conflict" || reason == "InjectionMissed" {
-                events.push((EventType::Warning, reason, message.clone()));
-            }
-            conditions.push(condition(
-                prev_conditions,
-                condition_type::WORKLOADS_BOUND,
-                bound,
-                reason,
-                &message,
-                generation,
-                now,
-            ));
-            conditions.push(condition(
-                prev_conditions,
-                condition_type::READY,
-                bound,
-                if bound { "Bound" } else { reason },
-                if bound {
-                    format!("{injected} workloads injected; {grant} connections per pod")
-                } else {
-                    message
-                },
-                generation,
-                now,
-            ));
-        }
-    }
-    status.workloads = listed(workloads);
-    status.conditions = conditions;
-
-    // Compared with the store's status, or with our own last write when the
-    // store has not seen it yet.
-    let unchanged = status_equivalent(&previous, &status)
-        || ctx
-            .status_writes
-            .pending(&binding)
-            .is_some_and(|written| status_equivalent(&written, &status));
-    if !unchanged {
-        let api: Api<CloudSqlBinding> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = json!({
-            "apiVersion": "cloudsql.dev/v1alpha1",
-            "kind": "CloudSqlBinding",
-            "status": status,
-        });
-        api.patch_status(
-            &binding.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|source| Error::Kube {
-            action: format!("writing the status of binding {key}"),
-            source,
-        })?;
-        ctx.metrics.write("binding", "apply_status");
-        ctx.status_writes.record(&binding, &status);
-        ctx.operators.wrote(uid);
-        // Events only on a change of the Ready reason, so an idle cluster sees none.
-        let ready_reason = |cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
-            crate::api::find_condition(cs, condition_type::READY)
-                .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-        };
-        let budget_reason = |cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
-            crate::api::find_condition(cs, condition_type::BUDGET_FITS).map(|c| c.reason.clone())
-        };
-        let reference = binding.object_ref(&());
-        for (type_, reason, note) in events {
-            let changed = if reason == "Overcommitted" {
-                budget_reason(prev_conditions) != budget_reason(&status.conditions)
-            } else {
-                ready_reason(prev_conditions) != ready_reason(&status.conditions)
-            };
-            if changed {
-                publish(ctx, &reference, type_, reason, note).await;
-            }
-        }
-    }
-    ctx.instance_may_have_moved(&instance_name);
-    if retry_soon {
+    ctx.instance_may_have_moved(&view.instance_name);
+    if missed.as_ref().is_some_and(|m| m.retry) {
         // A roll waits for the webhook to answer again.
         return Ok(Action::requeue(Duration::from_secs(10)));
     }
-    if status
-        .workloads
-        .iter()
-        .any(|w| w.reason.as_deref() == Some("Admission") && w.kind != "Pod")
-    {
+    if status.workloads.iter().any(|w| {
+        w.reason.as_deref() == Some(Reason::Admission.as_str())
+            && w.kind != WorkloadKind::Pod.as_str()
+    }) {
         // Pod events reach bindings of kind Pod only: new pods of workloads
         // injected at admission are looked at for missed injections on their
         // owner's events and, as a backstop, this often.
         return Ok(Action::requeue(ADMISSION_RESYNC));
     }
     Ok(Action::requeue(Duration::from_secs(30 * 60)))
+}
+
+/// What the binding's status is computed from, read from the stores;
+/// `None` while the binding is being deleted.
+fn dereference(
+    binding: &CloudSqlBinding,
+    ctx: &Context,
+    operator_conflict: Option<String>,
+) -> Option<BindingView> {
+    let instance_name = binding.spec.instance_ref.name.clone();
+    let resolution = match ctx.stores.eligibility(binding) {
+        Eligibility::Deleting => return None,
+        Eligibility::InstanceMissing => Resolution::InstanceMissing,
+        Eligibility::NamespaceNotAllowed(_) => Resolution::NamespaceNotAllowed,
+        Eligibility::Eligible(instance) => {
+            let capacity = ctx
+                .stores
+                .capacity(&instance, ctx.stores.discovered(&instance));
+            let budget = ctx.stores.budget(&instance, &capacity);
+            let grant = ctx.stores.grant(binding, &instance).per_pod;
+            let max_pods = budget
+                .max_pods
+                .get(&binding_key(binding))
+                .copied()
+                .unwrap_or(0);
+            let budget = match (&capacity, &budget.allocation) {
+                (Ok(CapacityResolution::Known(c)), Some(a)) if a.fits => {
+                    Budget::Fits { usable: c.usable() }
+                }
+                (Ok(CapacityResolution::Known(c)), Some(a)) => Budget::Overcommitted {
+                    needed_min: a.needed_min,
+                    usable: c.usable(),
+                },
+                (Ok(CapacityResolution::Unknown(why)), _) => Budget::Unknown(why.to_string()),
+                (Ok(CapacityResolution::Known(_)), None) => Budget::NotAllocated,
+                (Err(why), _) => Budget::Invalid(why.to_string()),
+            };
+            Resolution::Eligible(Pool {
+                instance: BoundInstance {
+                    connection_name: instance.spec.connection_name.clone(),
+                    database_version: instance
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.database_version.clone())
+                        .or_else(|| instance.spec.database_version.clone()),
+                },
+                grant,
+                max_pods,
+                budget,
+            })
+        }
+    };
+    Some(BindingView {
+        generation: binding.metadata.generation,
+        previous: binding.status.clone().unwrap_or_default(),
+        identity: ctx.options.identity.clone(),
+        operator_conflict,
+        instance_name,
+        namespace: binding.namespace().unwrap_or_default(),
+        requested_per_pod: i64::from(binding.spec.pool.max_per_pod),
+        resolution,
+    })
+}
+
+/// The status entries of the workloads the binding selects, with their max pods.
+fn selected_entries(results: Vec<WorkloadResult>, ctx: &Context) -> Vec<WorkloadStatus> {
+    results
+        .into_iter()
+        .filter(|r| r.selected)
+        .map(|r| {
+            let mut status = r.status;
+            if let Some(m) = ctx.stores.max_pods(&r.id) {
+                status.max_pods = Some(i64::from(m.count));
+            }
+            status
+        })
+        .collect()
+}
+
+/// Pods that came without their injection (the webhook was not called),
+/// reported and, when the binding asks for it, rolled.
+async fn missed_injections(binding: &CloudSqlBinding, ctx: &Context) -> Option<MissedReport> {
+    if !crate::webhook::serves_namespace(&binding.namespace().unwrap_or_default()) {
+        return None;
+    }
+    let missed = super::missed::missed_pods(&ctx.stores, binding);
+    if missed.is_empty() {
+        return None;
+    }
+    Some(super::missed::report(ctx, binding, &missed).await)
+}
+
+/// Writes `status` when it says something new (compared with the store's
+/// status, or with our own last write while the store has not seen it), and
+/// publishes the Events that come with it.
+async fn write_status(
+    binding: &CloudSqlBinding,
+    previous: &CloudSqlBindingStatus,
+    status: &CloudSqlBindingStatus,
+    notes: Vec<Note>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let unchanged = status_equivalent(previous, status)
+        || ctx
+            .status_writes
+            .pending(binding)
+            .is_some_and(|written| status_equivalent(&written, status));
+    if unchanged {
+        return Ok(());
+    }
+    let api: Api<CloudSqlBinding> =
+        Api::namespaced(ctx.client.clone(), &binding.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": "cloudsql.dev/v1alpha1",
+        "kind": "CloudSqlBinding",
+        "status": status,
+    });
+    api.patch_status(
+        &binding.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::Kube {
+        action: format!("writing the status of binding {}", binding_key(binding)),
+        source,
+    })?;
+    ctx.metrics.write("binding", "apply_status");
+    ctx.status_writes.record(binding, status);
+    ctx.operators.wrote(binding.metadata.uid.as_deref());
+    for note in notes {
+        publish_on_binding(ctx, binding, note.type_, note.reason, note.note).await;
+    }
+    Ok(())
+}
+
+async fn publish_on_binding(
+    ctx: &Context,
+    binding: &CloudSqlBinding,
+    type_: EventType,
+    reason: Reason,
+    note: String,
+) {
+    publish(ctx, &binding.object_ref(&()), type_, reason.as_str(), note).await;
 }
 
 /// Whether two statuses say the same thing (condition timestamps aside).
@@ -917,7 +734,7 @@ async fn cleanup(binding: Arc<CloudSqlBinding>, ctx: &Context) -> Result<Action,
         ctx,
         &binding.object_ref(&()),
         EventType::Normal,
-        "Cleaned",
+        Reason::Cleaned.as_str(),
         format!("removed the injection from {cleaned} workloads"),
     )
     .await;

@@ -14,13 +14,12 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{instrument, warn};
 
-use super::binding::OPERATOR_CONFLICT_REASON;
 use super::operators::{HOLD_OFF, Stance, conflict_message};
 use super::world::{Eligibility, binding_key};
 use super::{Context, Error};
 use crate::api::{
-    CapacityStatus, CloudSqlInstance, CloudSqlInstanceStatus, Discovery, FIELD_MANAGER, condition,
-    condition_type, conditions_equivalent, find_condition,
+    CapacityStatus, CloudSqlInstance, CloudSqlInstanceStatus, Discovery, FIELD_MANAGER, Reason,
+    condition, condition_type, conditions_equivalent, find_condition,
 };
 use crate::budget::CapacityResolution;
 use crate::telemetry::InstanceLabel;
@@ -61,7 +60,7 @@ pub async fn reconcile(
             if *newly {
                 let note = conflict_message("CloudSqlInstance", me, other, false);
                 warn!(instance = %name, "{note}");
-                publish(&ctx, &instance, OPERATOR_CONFLICT_REASON, note).await;
+                publish(&ctx, &instance, Reason::AnotherOperator.as_str(), note).await;
             }
             return Ok(Action::requeue(HOLD_OFF));
         }
@@ -69,13 +68,19 @@ pub async fn reconcile(
             let message = conflict_message("CloudSqlInstance", me, other, true);
             if *newly {
                 warn!(instance = %name, "{message}");
-                publish(&ctx, &instance, OPERATOR_CONFLICT_REASON, message.clone()).await;
+                publish(
+                    &ctx,
+                    &instance,
+                    Reason::AnotherOperator.as_str(),
+                    message.clone(),
+                )
+                .await;
             }
             Some(condition(
                 prev,
                 condition_type::OPERATOR_CONFLICT,
                 true,
-                OPERATOR_CONFLICT_REASON,
+                Reason::AnotherOperator.as_str(),
                 message,
                 generation,
                 now,

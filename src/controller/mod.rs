@@ -6,8 +6,10 @@
 
 mod backoff;
 mod binding;
+mod binding_status;
 pub use binding::MAX_LISTED_PODS;
 mod instance;
+pub(crate) mod missed;
 pub mod operators;
 mod orphans;
 mod subset;

@@ -35,7 +35,6 @@
 mod bindings;
 mod certificates;
 mod configuration;
-pub mod missed;
 mod pods;
 mod review;
 mod scale;
@@ -51,6 +50,7 @@ use std::time::Duration;
 
 pub use certificates::{CertificateTimes, run_certificate_manager};
 pub use configuration::{mutating_configuration, validating_configuration};
+pub(crate) use pods::opted_out;
 pub use review::{AdmissionContext, Route, review};
 pub use server::{serve, serve_on};
 

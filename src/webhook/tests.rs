@@ -593,7 +593,7 @@ fn a_bound_pod_created_without_the_webhook_is_a_miss_and_only_then() {
         json!({"workloads": [{"kind": "Job", "name": "nightly"}]}),
     ))
     .unwrap();
-    let missed = missed::missed_pods(&ctx.stores, &b);
+    let missed = crate::controller::missed::missed_pods(&ctx.stores, &b);
     let names: Vec<&str> = missed.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names, ["missed"]);
     assert_eq!(missed[0].rollable, None, "a Job's pod cannot be rolled");

@@ -18,12 +18,12 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::ADMITTED_ANNOTATION;
-use super::pods::opted_out;
+use super::Context;
+use super::world::{PodOwner, Stores};
 use crate::api::{CloudSqlBinding, FIELD_MANAGER, WorkloadKind};
-use crate::controller::Context;
-use crate::controller::world::{PodOwner, Stores};
 use crate::plan::{CONFIG_HASH_ANNOTATION, INJECTED_ANNOTATION};
+use crate::webhook::ADMITTED_ANNOTATION;
+use crate::webhook::opted_out;
 
 /// Pod annotation marking the bindings whose missed injection was reported
 /// (an Event is sent once per pod and binding).
