@@ -1,6 +1,7 @@
 //! What can go wrong asking the Admin API, and what the user should do.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -75,6 +76,46 @@ impl fmt::Display for GoogleError {
     }
 }
 
+/// The error underneath a [`GcpError`] (an I/O, JSON, URL, TLS or
+/// `google-cloud-auth` error), kept as its `source()` so that callers can walk
+/// the chain. Shared, so that a [`GcpError`] stays cheap to clone (the last
+/// error is kept per instance); two causes are equal when they read the same.
+#[derive(Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl Cause {
+    /// Wraps `error`.
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Cause(Arc::new(error))
+    }
+}
+
+impl fmt::Debug for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for Cause {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for Cause {}
+
 /// Errors of the Cloud SQL Admin API client.
 ///
 /// Every message names the instance (when there is one), carries Google's own
@@ -103,6 +144,9 @@ pub enum GcpError {
         endpoint: String,
         /// What is wrong with it.
         reason: String,
+        /// The error underneath, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// The extra root CA given to trust the endpoint is unusable.
@@ -112,6 +156,9 @@ pub enum GcpError {
     InvalidRootCa {
         /// What is wrong with it.
         reason: String,
+        /// The error underneath, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// The credentials could not be set up (a bad key file, no Tokio runtime).
@@ -121,6 +168,9 @@ pub enum GcpError {
     CredentialsSetup {
         /// What went wrong.
         reason: String,
+        /// The error underneath, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// No access token could be had for a request.
@@ -132,6 +182,9 @@ pub enum GcpError {
         reason: String,
         /// Whether `google-cloud-auth` thinks trying again may help.
         retryable: bool,
+        /// The error underneath, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// The HTTP client could not be built.
@@ -139,6 +192,9 @@ pub enum GcpError {
     HttpClient {
         /// What went wrong.
         reason: String,
+        /// The error underneath.
+        #[source]
+        source: Cause,
     },
 
     /// The request did not get an answer (connect, TLS, timeout, reset).
@@ -152,6 +208,9 @@ pub enum GcpError {
         endpoint: String,
         /// What went wrong.
         reason: String,
+        /// The error underneath.
+        #[source]
+        source: Cause,
     },
 
     /// HTTP 401: the credentials were not accepted.
@@ -242,6 +301,9 @@ pub enum GcpError {
         connection_name: String,
         /// What is wrong with the answer.
         reason: String,
+        /// The error underneath, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
 }
 
@@ -315,10 +377,10 @@ impl GcpError {
         match self {
             Self::InvalidConnectionName { reason, .. } => reason,
             Self::InvalidEndpoint { reason, .. }
-            | Self::InvalidRootCa { reason }
-            | Self::CredentialsSetup { reason }
+            | Self::InvalidRootCa { reason, .. }
+            | Self::CredentialsSetup { reason, .. }
             | Self::Credentials { reason, .. }
-            | Self::HttpClient { reason }
+            | Self::HttpClient { reason, .. }
             | Self::Transport { reason, .. }
             | Self::InvalidResponse { reason, .. } => reason,
             Self::Unauthenticated { reply, .. }
@@ -473,6 +535,7 @@ mod tests {
             connection_name: "proj:us-central1:orders".into(),
             endpoint: "https://sqladmin.googleapis.com/".into(),
             reason: "connection refused".into(),
+            source: Cause::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
         };
         assert!(error.is_retryable());
         assert_eq!(error.http_status(), None);
