@@ -360,6 +360,45 @@ async fn readyz_handler(State(state): State<AdminState>) -> impl IntoResponse {
     }
 }
 
+/// A Kubernetes client error on one line, for logs and error messages.
+///
+/// kube's own `Display` of an API error appends the `Debug` dump of the whole
+/// `Status`; the API server's message, HTTP code and reason say it all.
+pub struct KubeError<'a>(pub &'a kube::Error);
+
+impl std::fmt::Display for KubeError<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            kube::Error::Api(status) => write!(
+                f,
+                "{} (HTTP {} {})",
+                status.message, status.code, status.reason
+            ),
+            other => other.fmt(f),
+        }
+    }
+}
+
+/// A watch error on one line (see [`KubeError`]).
+pub struct WatchError<'a>(pub &'a kube::runtime::watcher::Error);
+
+impl std::fmt::Display for WatchError<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use kube::runtime::watcher::Error;
+        match self.0 {
+            Error::InitialListFailed(e) => write!(f, "initial list failed: {}", KubeError(e)),
+            Error::WatchStartFailed(e) => write!(f, "starting the watch failed: {}", KubeError(e)),
+            Error::WatchError(status) => write!(
+                f,
+                "the API server ended the watch: {} (HTTP {} {})",
+                status.message, status.code, status.reason
+            ),
+            Error::WatchFailed(e) => write!(f, "the watch failed: {}", KubeError(e)),
+            other => other.fmt(f),
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -426,6 +465,25 @@ mod tests {
     fn the_known_webhook_names_are_the_routes() {
         let routes: Vec<&str> = crate::webhook::Route::ALL.map(|r| r.name()).to_vec();
         assert_eq!(routes, known::WEBHOOKS);
+    }
+
+    #[test]
+    fn api_errors_are_one_line_without_the_status_dump() {
+        let error = kube::Error::Api(Box::new(kube::core::Status {
+            code: 404,
+            reason: "NotFound".into(),
+            message: r#"namespaces "x" not found"#.into(),
+            ..Default::default()
+        }));
+        assert_eq!(
+            KubeError(&error).to_string(),
+            r#"namespaces "x" not found (HTTP 404 NotFound)"#
+        );
+        let watch = kube::runtime::watcher::Error::InitialListFailed(error);
+        assert_eq!(
+            WatchError(&watch).to_string(),
+            r#"initial list failed: namespaces "x" not found (HTTP 404 NotFound)"#
+        );
     }
 
     #[test]

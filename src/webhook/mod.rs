@@ -101,7 +101,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A call to the API server failed.
-    #[error("{action}: {source}")]
+    #[error("{action}: {}", crate::telemetry::KubeError(source))]
     Kube {
         /// What we were doing.
         action: String,
