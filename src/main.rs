@@ -1,5 +1,8 @@
 //! The `cloudsql-binder` binary: thin subcommands over the library.
 
+// No unwrap() outside tests: external input must fail with a message.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
