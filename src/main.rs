@@ -332,7 +332,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         leader::run(lease_client, lease, shutdown.clone(), move |stop| {
             leading(stop.boxed())
         })
-        .await;
+        .await?;
     } else {
         leading(shutdown.clone().boxed()).await;
     }
