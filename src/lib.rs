@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod budget;
+pub mod error;
 pub mod gcp;
 pub mod plan;
 pub mod render;
