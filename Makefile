@@ -12,12 +12,12 @@ build:
 ## unit and integration tests (against the local control plane), the data path.
 test: lint
 	$(MAKE) chart-lint
-	$(CARGO) test --all-targets -- --test-threads=4
+	$(CARGO) test --workspace --all-targets -- --test-threads=4
 	$(MAKE) e2e
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## Regenerate crds/ from the Rust types (a test fails when it is stale).
 crds:
@@ -50,10 +50,11 @@ demo-down:
 ## Google's operator, runs every scenario on the bench's own control planes
 ## (bench/work/, never .cluster/), writes bench/results/<date>.json and the table
 ## in bench/README.md. Quick runs that leave the README alone (see bench/README.md):
-##   cargo run --release --bin cloudsql-binder-bench -- --runs 1 --sizes 100
+##   cargo run --release -p cloudsql-binder-bench -- --runs 1 --sizes 100
 BENCH_ARGS ?=
 bench:
-	$(CARGO) build --release --bin cloudsql-binder --bin cloudsql-binder-bench
+	$(CARGO) build --release --bin cloudsql-binder
+	$(CARGO) build --release -p cloudsql-binder-bench
 	./target/release/cloudsql-binder-bench --binary $(CURDIR)/target/release/cloudsql-binder \
 		--update-readme $(CURDIR)/bench/README.md $(BENCH_ARGS)
 

@@ -180,8 +180,10 @@ fn main() -> ExitCode {
     }
 }
 
+/// The repository: the parent of this package's directory (bench/).
 fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let bench = Path::new(env!("CARGO_MANIFEST_DIR"));
+    bench.parent().unwrap_or(bench).to_path_buf()
 }
 
 /// `/proc/loadavg`'s three averages.

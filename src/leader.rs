@@ -109,11 +109,25 @@ fn random_u32() -> u32 {
     h.finish() as u32
 }
 
-/// Errors talking to the API server about the lease; all are retried.
+/// Errors talking to the API server about the lease. All are retried except
+/// [`Error::NamespaceMissing`] (see [`Error::is_fatal`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The Lease's namespace does not exist: no retry can succeed until
+    /// someone changes the cluster or the flags (an operator run from a
+    /// laptop against a cluster without the `cloudsql-binder` namespace).
+    #[error(
+        "the leader-election Lease namespace {namespace:?} does not exist: create it (kubectl create namespace {namespace}), pass --leader-election-namespace=<ns>, or run a single replica with --leader-election=false"
+    )]
+    NamespaceMissing {
+        /// The namespace asked for.
+        namespace: String,
+        /// The API server's answer (404 on `namespaces`).
+        #[source]
+        source: Box<kube::core::Status>,
+    },
     /// A call failed (a 403 names the missing RBAC verb).
-    #[error("{action} Lease {lease}: {source}")]
+    #[error("{action} Lease {lease}: {}", crate::telemetry::KubeError(source))]
     Kube {
         /// What we were doing (`reading`, `creating`, `updating`).
         action: &'static str,
@@ -133,6 +147,25 @@ pub enum Error {
         /// How long we waited.
         timeout: Duration,
     },
+}
+
+impl Error {
+    /// Whether retrying is pointless: the candidate gives up and
+    /// [`run`] returns the error.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Error::NamespaceMissing { .. })
+    }
+}
+
+/// Whether the answer to creating a Lease in `namespace` says the namespace
+/// does not exist (404 `namespaces "NAME" not found`), rather than anything
+/// a retry may fix.
+fn namespace_missing(status: &kube::core::Status, namespace: &str) -> bool {
+    status.code == 404
+        && status
+            .details
+            .as_ref()
+            .is_none_or(|d| d.kind == "namespaces" && (d.name.is_empty() || d.name == namespace))
 }
 
 /// What a replica may do with the lease.
@@ -337,6 +370,12 @@ impl Elector {
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(_) => Ok(Look::Acquired),
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(Look::Held(None)),
+                Err(kube::Error::Api(e)) if namespace_missing(&e, &self.config.namespace) => {
+                    Err(Error::NamespaceMissing {
+                        namespace: self.config.namespace.clone(),
+                        source: e,
+                    })
+                }
                 Err(e) => Err(self.kube("creating")(e)),
             };
         };
@@ -406,12 +445,13 @@ impl Elector {
         }
     }
 
-    /// Waits until this replica holds the lease, looking every [`RETRY_INTERVAL`].
-    pub async fn acquire(&mut self) {
+    /// Waits until this replica holds the lease, looking every
+    /// [`RETRY_INTERVAL`]; returns early only on a [fatal](Error::is_fatal) error.
+    pub async fn acquire(&mut self) -> Result<(), Error> {
         let mut last_holder: Option<Option<String>> = None;
         loop {
             match self.look().await {
-                Ok(Look::Acquired) => return,
+                Ok(Look::Acquired) => return Ok(()),
                 Ok(Look::Held(holder)) => {
                     if last_holder.as_ref() != Some(&holder) {
                         info!(
@@ -423,6 +463,7 @@ impl Elector {
                         last_holder = Some(holder);
                     }
                 }
+                Err(err) if err.is_fatal() => return Err(err),
                 Err(err) => warn!(error = %err, "cannot acquire the leader lease; retrying"),
             }
             tokio::time::sleep(RETRY_INTERVAL).await;
@@ -522,12 +563,16 @@ enum TermEnd {
 /// resolves. `lead` gets a future that resolves when leadership ends; it must
 /// stop then. On losing the lease the replica stops `lead` and becomes a
 /// candidate again; on shutdown it stops `lead`, then releases the lease.
+///
+/// Returns an error only when the lease cannot be had at all (its namespace
+/// does not exist): every other failure is logged and retried.
 pub async fn run<F, Fut>(
     client: Client,
     config: LeaseConfig,
     shutdown: impl Future<Output = ()>,
     mut lead: F,
-) where
+) -> Result<(), Error>
+where
     F: FnMut(LeadershipEnded) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -538,8 +583,8 @@ pub async fn run<F, Fut>(
     info!(%lease, %identity, "leader election: candidate");
     loop {
         tokio::select! {
-            _ = &mut shutdown => return,
-            _ = elector.acquire() => {}
+            _ = &mut shutdown => return Ok(()),
+            acquired = elector.acquire() => acquired?,
         }
         let since = Instant::now();
         info!(%lease, %identity, "became the leader; starting the controllers");
@@ -573,7 +618,7 @@ pub async fn run<F, Fut>(
                         warn!(error = %err, "controllers stopped; releasing the lease failed (it expires by itself)")
                     }
                 }
-                return;
+                return Ok(());
             }
             TermEnd::Lost(why) => {
                 warn!(%lease, %identity, led_for, reason = %why, "lost the leadership; controllers stopped, candidate again");
@@ -743,6 +788,95 @@ mod tests {
                     < LEASE_DURATION.as_secs()
             )
         };
+    }
+
+    fn status(code: u16, reason: &str, message: &str, kind: &str, name: &str) -> kube::Error {
+        kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            reason: reason.into(),
+            message: message.into(),
+            details: Some(kube::core::response::StatusDetails {
+                name: name.into(),
+                group: String::new(),
+                kind: kind.into(),
+                uid: String::new(),
+                causes: Vec::new(),
+                retry_after_seconds: 0,
+            }),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn a_missing_lease_namespace_is_told_apart_from_other_not_founds() {
+        let kube::Error::Api(missing) = status(
+            404,
+            "NotFound",
+            r#"namespaces "cloudsql-binder" not found"#,
+            "namespaces",
+            "cloudsql-binder",
+        ) else {
+            unreachable!()
+        };
+        assert!(namespace_missing(&missing, "cloudsql-binder"));
+        assert!(!namespace_missing(&missing, "other"));
+        let kube::Error::Api(forbidden) = status(403, "Forbidden", "no", "leases", "x") else {
+            unreachable!()
+        };
+        assert!(!namespace_missing(&forbidden, "cloudsql-binder"));
+        let kube::Error::Api(lease) = status(404, "NotFound", "no", "leases", "x") else {
+            unreachable!()
+        };
+        assert!(!namespace_missing(&lease, "cloudsql-binder"));
+    }
+
+    #[test]
+    fn a_missing_lease_namespace_names_the_three_fixes_on_one_line() {
+        let kube::Error::Api(source) = status(
+            404,
+            "NotFound",
+            r#"namespaces "cloudsql-binder" not found"#,
+            "namespaces",
+            "cloudsql-binder",
+        ) else {
+            unreachable!()
+        };
+        let error = Error::NamespaceMissing {
+            namespace: "cloudsql-binder".into(),
+            source,
+        };
+        assert!(error.is_fatal());
+        let text = error.to_string();
+        assert!(
+            text.contains("kubectl create namespace cloudsql-binder"),
+            "{text}"
+        );
+        assert!(text.contains("--leader-election-namespace="), "{text}");
+        assert!(text.contains("--leader-election=false"), "{text}");
+        assert!(!text.contains('\n'), "{text}");
+        assert!(std::error::Error::source(&error).is_some());
+    }
+
+    #[test]
+    fn other_lease_errors_are_retried_and_display_without_the_status_dump() {
+        let error = Error::Kube {
+            action: "creating",
+            lease: "ns/lease".into(),
+            source: status(
+                403,
+                "Forbidden",
+                r#"leases.coordination.k8s.io is forbidden: User "x" cannot create resource "leases""#,
+                "leases",
+                "",
+            ),
+        };
+        assert!(!error.is_fatal());
+        let text = error.to_string();
+        assert_eq!(
+            text,
+            r#"creating Lease ns/lease: leases.coordination.k8s.io is forbidden: User "x" cannot create resource "leases" (HTTP 403 Forbidden)"#
+        );
+        assert!(!text.contains("Status {"), "{text}");
     }
 
     #[test]

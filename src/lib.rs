@@ -2,8 +2,12 @@
 //! the Cloud SQL Auth Proxy or a language connector, and keeps every bound
 //! workload's connection pools within the instance's `max_connections`.
 
+// No unwrap() outside tests: external input must fail with a message.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod api;
 pub mod budget;
+pub mod error;
 pub mod gcp;
 pub mod plan;
 pub mod render;

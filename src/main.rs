@@ -1,5 +1,8 @@
 //! The `cloudsql-binder` binary: thin subcommands over the library.
 
+// No unwrap() outside tests: external input must fail with a message.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -346,7 +349,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         leader::run(lease_client, lease, shutdown.clone(), move |stop| {
             leading(stop.boxed())
         })
-        .await;
+        .await?;
     } else {
         leading(shutdown.clone().boxed()).await;
     }

@@ -36,6 +36,7 @@ use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::Value;
 
 use crate::api::{CloudSqlBinding, CloudSqlInstance, GROUP, VERSION, WorkloadKind};
+use crate::error::Cause;
 use crate::plan::{
     BindingKey, Conflict, Grant, InjectionPlan, PlanError, PodInjection, TargetCapabilities,
     remove_for,
@@ -74,6 +75,9 @@ pub enum RenderError {
         line: u64,
         /// What the parser said.
         message: String,
+        /// The parser's error.
+        #[source]
+        source: Cause,
     },
     /// A document is YAML but not a valid object of its kind.
     #[error("{input}: document {document} ({object}): {message}")]
@@ -86,6 +90,9 @@ pub enum RenderError {
         object: String,
         /// What is wrong, and where.
         message: String,
+        /// The underlying error (JSON, YAML), when there is one.
+        #[source]
+        source: Option<Cause>,
     },
     /// A binding selects a kind no binding can select.
     #[error(
@@ -162,7 +169,7 @@ pub fn render(
                 Ok(instance) => {
                     instances.insert(instance.metadata.name.clone().unwrap_or_default(), instance);
                 }
-                Err(e) => errors.push(doc.invalid(e.to_string())),
+                Err(e) => errors.push(doc.invalid_because(e.to_string(), e)),
             },
             "CloudSqlBinding" if ours => match read_binding(doc, json) {
                 Ok(binding) => bindings.push(binding),
@@ -284,7 +291,9 @@ pub fn render(
         out.push_str("---\n");
         match serde_saphyr::to_string(&doc.node) {
             Ok(yaml) => out.push_str(&yaml),
-            Err(e) => errors.push(doc.invalid(format!("cannot be written back as YAML: {e}"))),
+            Err(e) => {
+                errors.push(doc.invalid_because(format!("cannot be written back as YAML: {e}"), e))
+            }
         }
         if !out.ends_with('\n') {
             out.push('\n');
@@ -433,6 +442,19 @@ struct Document {
 
 impl Document {
     fn invalid(&self, message: String) -> RenderError {
+        self.invalid_with(message, None)
+    }
+
+    /// [`invalid`](Self::invalid), keeping the error that made it so.
+    fn invalid_because(
+        &self,
+        message: String,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> RenderError {
+        self.invalid_with(message, Some(Cause::new(source)))
+    }
+
+    fn invalid_with(&self, message: String, source: Option<Cause>) -> RenderError {
         let json = self.node.to_json();
         let kind = json.get("kind").and_then(Value::as_str).unwrap_or("object");
         let meta = json.get("metadata").cloned().unwrap_or(Value::Null);
@@ -445,6 +467,7 @@ impl Document {
             document: self.number,
             object: format!("{kind} {}/{name}", namespace_of(&meta)),
             message: one_line(&message),
+            source,
         }
     }
 
@@ -479,25 +502,31 @@ impl Document {
                 self.invalid(format!("has no pod template: {at} is missing")),
             ]);
         };
-        let mut pod: PodSpec = serde_json::from_value(spec_json.clone())
-            .map_err(|e| vec![self.invalid(format!("invalid pod template spec: {e}"))])?;
+        let mut pod: PodSpec = serde_json::from_value(spec_json.clone()).map_err(|e| {
+            vec![self.invalid_because(format!("invalid pod template spec: {e}"), e)]
+        })?;
         let annotations_json = template
             .get("metadata")
             .and_then(|m| m.get("annotations"))
             .cloned();
-        let mut annotations: Option<BTreeMap<String, String>> = match annotations_json {
-            None | Some(Value::Null) => None,
-            Some(value) => Some(serde_json::from_value(value).map_err(|e| {
-                vec![self.invalid(format!("pod template annotations must be strings: {e}"))]
-            })?),
-        };
+        let mut annotations: Option<BTreeMap<String, String>> =
+            match annotations_json {
+                None | Some(Value::Null) => None,
+                Some(value) => Some(serde_json::from_value(value).map_err(|e| {
+                    vec![self.invalid_because(
+                        format!("pod template annotations must be strings: {e}"),
+                        e,
+                    )]
+                })?),
+            };
         let annotations_before = annotations.clone();
         let pod_before = pod.clone();
 
         edit(&mut pod, &mut annotations)?;
 
-        let new_spec = serde_json::to_value(&pod)
-            .map_err(|e| vec![self.invalid(format!("cannot write the pod template back: {e}"))])?;
+        let new_spec = serde_json::to_value(&pod).map_err(|e| {
+            vec![self.invalid_because(format!("cannot write the pod template back: {e}"), e)]
+        })?;
         let Some(template_node) = self.node.get_path_mut(path) else {
             return Ok(());
         };
@@ -587,6 +616,7 @@ fn parse_documents(input: &str, text: &str) -> Result<Vec<Node>, Vec<RenderError
             document: document_at_line(text, line),
             line,
             message: yaml_message(&e.to_string()),
+            source: Cause::new(e),
         }]
     })
 }
@@ -698,7 +728,7 @@ fn read_binding(doc: &Document, mut json: Value) -> Result<CloudSqlBinding, Vec<
     if let Some(meta) = json.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.insert("namespace".to_owned(), Value::String(namespace));
     }
-    serde_json::from_value(json).map_err(|e| vec![doc.invalid(e.to_string())])
+    serde_json::from_value(json).map_err(|e| vec![doc.invalid_because(e.to_string(), e)])
 }
 
 /// Whether a binding selects workload `kind` `name` with `labels` (same

@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -58,6 +58,55 @@ pub struct AdmissionLabel {
 pub struct WebhookLabel {
     /// As in [`AdmissionLabel::webhook`].
     pub webhook: String,
+}
+
+/// The label values known in advance: [`Metrics::default`] creates their
+/// series at zero, so a fresh process lists every family (HELP and TYPE) and
+/// `rate()` starts from 0 instead of from the first event.
+pub mod known {
+    /// [`ControllerLabel::controller`](super::ControllerLabel::controller).
+    pub const CONTROLLERS: [&str; 2] = ["binding", "instance"];
+    /// The `(controller, verb)` pairs of [`Metrics::write`](super::Metrics::write).
+    pub const WRITES: [(&str, &str); 8] = [
+        ("binding", "apply"),
+        ("binding", "apply_status"),
+        ("binding", "event"),
+        ("binding", "finalizer"),
+        ("binding", "annotate"),
+        ("binding", "roll"),
+        ("instance", "apply_status"),
+        ("instance", "event"),
+    ];
+    /// [`AdmissionLabel::webhook`](super::AdmissionLabel::webhook): the
+    /// webhook routes' names.
+    pub const WEBHOOKS: [&str; 3] = ["mutate-pods", "validate-bindings", "validate-scale"];
+    /// [`AdmissionLabel::outcome`](super::AdmissionLabel::outcome).
+    pub const OUTCOMES: [&str; 6] = [
+        "allowed",
+        "patched",
+        "warned",
+        "denied",
+        "bad_request",
+        "failed",
+    ];
+}
+
+/// A family listed (HELP and TYPE) even before it has a series: the
+/// per-instance gauges, whose label values (instance names) are not known in
+/// advance. prometheus-client skips empty families otherwise.
+#[derive(Debug)]
+struct AlwaysListed<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for AlwaysListed<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        self.0.metric_type()
+    }
+    fn is_empty(&self) -> bool {
+        false
+    }
 }
 
 /// Every metric the operator exports.
@@ -107,12 +156,12 @@ impl Default for Metrics {
         registry.register(
             "instance_usable_connections",
             "Connections usable by bound workloads",
-            usable.clone(),
+            AlwaysListed(usable.clone()),
         );
         registry.register(
             "instance_allocated_connections",
             "Connections granted to bound workloads (grant x max pods)",
-            allocated.clone(),
+            AlwaysListed(allocated.clone()),
         );
         let admissions = Family::<AdmissionLabel, Counter>::default();
         // From 100 µs: an answer from the caches takes well under a millisecond.
@@ -129,6 +178,31 @@ impl Default for Metrics {
             "Time the webhook took to answer, from the body read to the answer",
             admission_durations.clone(),
         );
+        for controller in known::CONTROLLERS {
+            let label = ControllerLabel {
+                controller: controller.to_owned(),
+            };
+            let _ = reconciles.get_or_create(&label);
+            let _ = errors.get_or_create(&label);
+            let _ = durations.get_or_create(&label);
+        }
+        for (controller, verb) in known::WRITES {
+            let _ = writes.get_or_create(&WriteLabel {
+                controller: controller.to_owned(),
+                verb: verb.to_owned(),
+            });
+        }
+        for webhook in known::WEBHOOKS {
+            for outcome in known::OUTCOMES {
+                let _ = admissions.get_or_create(&AdmissionLabel {
+                    webhook: webhook.to_owned(),
+                    outcome: outcome.to_owned(),
+                });
+            }
+            let _ = admission_durations.get_or_create(&WebhookLabel {
+                webhook: webhook.to_owned(),
+            });
+        }
         Metrics {
             registry,
             reconciles,
@@ -286,6 +360,45 @@ async fn readyz_handler(State(state): State<AdminState>) -> impl IntoResponse {
     }
 }
 
+/// A Kubernetes client error on one line, for logs and error messages.
+///
+/// kube's own `Display` of an API error appends the `Debug` dump of the whole
+/// `Status`; the API server's message, HTTP code and reason say it all.
+pub struct KubeError<'a>(pub &'a kube::Error);
+
+impl std::fmt::Display for KubeError<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            kube::Error::Api(status) => write!(
+                f,
+                "{} (HTTP {} {})",
+                status.message, status.code, status.reason
+            ),
+            other => other.fmt(f),
+        }
+    }
+}
+
+/// A watch error on one line (see [`KubeError`]).
+pub struct WatchError<'a>(pub &'a kube::runtime::watcher::Error);
+
+impl std::fmt::Display for WatchError<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use kube::runtime::watcher::Error;
+        match self.0 {
+            Error::InitialListFailed(e) => write!(f, "initial list failed: {}", KubeError(e)),
+            Error::WatchStartFailed(e) => write!(f, "starting the watch failed: {}", KubeError(e)),
+            Error::WatchError(status) => write!(
+                f,
+                "the API server ended the watch: {} (HTTP {} {})",
+                status.message, status.code, status.reason
+            ),
+            Error::WatchFailed(e) => write!(f, "the watch failed: {}", KubeError(e)),
+            other => other.fmt(f),
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -311,6 +424,67 @@ pub fn init_tracing(format: LogFormat) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fresh_process_lists_every_family() {
+        let text = Metrics::default().encode();
+        for family in [
+            "cloudsql_binder_reconciles",
+            "cloudsql_binder_reconcile_errors",
+            "cloudsql_binder_reconcile_duration_seconds",
+            "cloudsql_binder_api_writes",
+            "cloudsql_binder_instance_usable_connections",
+            "cloudsql_binder_instance_allocated_connections",
+            "cloudsql_binder_admission_requests",
+            "cloudsql_binder_admission_duration_seconds",
+        ] {
+            assert!(
+                text.contains(&format!("# HELP {family} ")),
+                "{family}:\n{text}"
+            );
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "{family}:\n{text}"
+            );
+        }
+        // The known series start at zero.
+        assert!(
+            text.contains(
+                r#"cloudsql_binder_api_writes_total{controller="binding",verb="apply"} 0"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"cloudsql_binder_reconcile_errors_total{controller="instance"} 0"#),
+            "{text}"
+        );
+        assert_eq!(Metrics::default().total_writes(), 0);
+    }
+
+    #[test]
+    fn the_known_webhook_names_are_the_routes() {
+        let routes: Vec<&str> = crate::webhook::Route::ALL.map(|r| r.name()).to_vec();
+        assert_eq!(routes, known::WEBHOOKS);
+    }
+
+    #[test]
+    fn api_errors_are_one_line_without_the_status_dump() {
+        let error = kube::Error::Api(Box::new(kube::core::Status {
+            code: 404,
+            reason: "NotFound".into(),
+            message: r#"namespaces "x" not found"#.into(),
+            ..Default::default()
+        }));
+        assert_eq!(
+            KubeError(&error).to_string(),
+            r#"namespaces "x" not found (HTTP 404 NotFound)"#
+        );
+        let watch = kube::runtime::watcher::Error::InitialListFailed(error);
+        assert_eq!(
+            WatchError(&watch).to_string(),
+            r#"initial list failed: namespaces "x" not found (HTTP 404 NotFound)"#
+        );
+    }
 
     #[test]
     fn writes_are_counted_across_labels() {

@@ -22,6 +22,7 @@ use super::Context;
 use super::world::{PodOwner, Stores};
 use crate::api::{CloudSqlBinding, FIELD_MANAGER, WorkloadKind};
 use crate::plan::{CONFIG_HASH_ANNOTATION, INJECTED_ANNOTATION};
+use crate::telemetry::KubeError;
 use crate::webhook::ADMITTED_ANNOTATION;
 use crate::webhook::opted_out;
 
@@ -256,7 +257,9 @@ async fn mark_reported(ctx: &Context, ns: &str, binding: &str, pod: &MissedPod) 
         .await
     {
         Ok(_) => ctx.metrics.write("binding", "annotate"),
-        Err(err) => warn!(pod = %pod.name, error = %err, "cannot mark a pod's missed injection"),
+        Err(err) => {
+            warn!(pod = %pod.name, error = %KubeError(&err), "cannot mark a pod's missed injection")
+        }
     }
 }
 
@@ -350,7 +353,7 @@ async fn webhook_answers(ctx: &Context, ns: &str, binding: &str, pod: &str) -> b
             .iter()
             .any(|n| n == binding),
         Err(err) => {
-            warn!(error = %err, "probing the admission webhook with a dry-run pod");
+            warn!(error = %KubeError(&err), "probing the admission webhook with a dry-run pod");
             false
         }
     }
@@ -400,7 +403,7 @@ async fn roll(ctx: &Context, ns: &str, kind: WorkloadKind, name: &str) -> bool {
             true
         }
         Err(err) => {
-            warn!(error = %err, workload = %format!("{kind} {ns}/{name}"), "cannot roll");
+            warn!(error = %KubeError(&err), workload = %format!("{kind} {ns}/{name}"), "cannot roll");
             false
         }
     }

@@ -7,7 +7,7 @@ use google_cloud_auth::credentials::{self, CacheableResource, Credentials, servi
 use http::Extensions;
 use reqwest::{Certificate, Url};
 
-use super::{ConnectionName, DatabaseInstance, GcpError, GoogleError};
+use super::{Cause, ConnectionName, DatabaseInstance, GcpError, GoogleError};
 
 /// Google's Cloud SQL Admin API endpoint.
 pub const DEFAULT_ENDPOINT: &str = "https://sqladmin.googleapis.com";
@@ -52,6 +52,7 @@ impl AdminApi {
             .build()
             .map_err(|e| GcpError::CredentialsSetup {
                 reason: format!("Application Default Credentials: {e}"),
+                source: Some(Cause::new(e)),
             })?;
         Self::with_credentials(endpoint, credentials, Vec::new())
     }
@@ -68,24 +69,27 @@ impl AdminApi {
         extra_root_ca_pem: Option<&[u8]>,
     ) -> Result<Self, GcpError> {
         require_runtime()?;
-        let setup = |reason: String| GcpError::CredentialsSetup {
+        let setup = |reason: String, source: Option<Cause>| GcpError::CredentialsSetup {
             reason: format!("service-account key file {}: {reason}", key_file.display()),
+            source,
         };
-        let text = std::fs::read_to_string(key_file).map_err(|e| setup(e.to_string()))?;
-        let key: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| setup(format!("not JSON: {e}")))?;
+        let text = std::fs::read_to_string(key_file)
+            .map_err(|e| setup(e.to_string(), Some(Cause::new(e))))?;
+        let key: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| setup(format!("not JSON: {e}"), Some(Cause::new(e))))?;
         let kind = key.get("type").and_then(serde_json::Value::as_str);
         if kind != Some("service_account") {
-            return Err(setup(format!(
-                "`type` is {kind:?}, expected \"service_account\""
-            )));
+            return Err(setup(
+                format!("`type` is {kind:?}, expected \"service_account\""),
+                None,
+            ));
         }
         let credentials = service_account::Builder::new(key)
             .with_access_specifier(service_account::AccessSpecifier::from_scopes([
                 SQLADMIN_SCOPE,
             ]))
             .build()
-            .map_err(|e| setup(e.to_string()))?;
+            .map_err(|e| setup(e.to_string(), Some(Cause::new(e))))?;
         let extra_roots = match extra_root_ca_pem {
             Some(pem) => parse_roots(pem)?,
             None => Vec::new(),
@@ -121,6 +125,7 @@ impl AdminApi {
             connection_name: name.to_string(),
             endpoint: self.endpoint.to_string(),
             reason: error_chain(&e),
+            source: Cause::new(e),
         };
         let response = self
             .http
@@ -178,10 +183,12 @@ impl AdminApi {
             Ok(CacheableResource::NotModified) => Err(GcpError::Credentials {
                 reason: "google-cloud-auth returned no headers".to_owned(),
                 retryable: true,
+                source: None,
             }),
             Err(e) => Err(GcpError::Credentials {
                 reason: error_chain(&e),
                 retryable: e.is_transient(),
+                source: Some(Cause::new(e)),
             }),
         }
     }
@@ -192,8 +199,9 @@ impl AdminApi {
 fn require_runtime() -> Result<(), GcpError> {
     tokio::runtime::Handle::try_current()
         .map(|_| ())
-        .map_err(|_| GcpError::CredentialsSetup {
+        .map_err(|e| GcpError::CredentialsSetup {
             reason: "the Admin API client was created outside a Tokio runtime".to_owned(),
+            source: Some(Cause::new(e)),
         })
 }
 
@@ -201,8 +209,13 @@ fn parse_endpoint(endpoint: &str) -> Result<Url, GcpError> {
     let invalid = |reason: String| GcpError::InvalidEndpoint {
         endpoint: endpoint.to_owned(),
         reason,
+        source: None,
     };
-    let url = Url::parse(endpoint).map_err(|e| invalid(e.to_string()))?;
+    let url = Url::parse(endpoint).map_err(|e| GcpError::InvalidEndpoint {
+        endpoint: endpoint.to_owned(),
+        reason: e.to_string(),
+        source: Some(Cause::new(e)),
+    })?;
     if url.scheme() != "https" {
         return Err(invalid(format!(
             "scheme `{}`: access tokens are only sent over https",
@@ -221,10 +234,12 @@ fn parse_endpoint(endpoint: &str) -> Result<Url, GcpError> {
 fn parse_roots(pem: &[u8]) -> Result<Vec<Certificate>, GcpError> {
     let roots = Certificate::from_pem_bundle(pem).map_err(|e| GcpError::InvalidRootCa {
         reason: error_chain(&e),
+        source: Some(Cause::new(e)),
     })?;
     if roots.is_empty() {
         return Err(GcpError::InvalidRootCa {
             reason: "no CERTIFICATE block found".to_owned(),
+            source: None,
         });
     }
     Ok(roots)
@@ -240,6 +255,7 @@ fn http_client(extra_roots: &[Certificate]) -> Result<reqwest::Client, GcpError>
         .build()
         .map_err(|e| GcpError::HttpClient {
             reason: error_chain(&e),
+            source: Cause::new(e),
         })
 }
 

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+pub use crate::error::Cause;
+
 use serde::Deserialize;
 
 /// An error answer of a Google API: the HTTP status plus the
@@ -103,6 +105,9 @@ pub enum GcpError {
         endpoint: String,
         /// What is wrong with it.
         reason: String,
+        /// The error underneath, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// The extra root CA given to trust the endpoint is unusable.
@@ -112,6 +117,9 @@ pub enum GcpError {
     InvalidRootCa {
         /// What is wrong with it.
         reason: String,
+        /// The error underneath, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// The credentials could not be set up (a bad key file, no Tokio runtime).
@@ -121,6 +129,9 @@ pub enum GcpError {
     CredentialsSetup {
         /// What went wrong.
         reason: String,
+        /// The error underneath, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// No access token could be had for a request.
@@ -132,6 +143,9 @@ pub enum GcpError {
         reason: String,
         /// Whether `google-cloud-auth` thinks trying again may help.
         retryable: bool,
+        /// The error underneath, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// The HTTP client could not be built.
@@ -139,6 +153,9 @@ pub enum GcpError {
     HttpClient {
         /// What went wrong.
         reason: String,
+        /// The error underneath.
+        #[source]
+        source: Cause,
     },
 
     /// The request did not get an answer (connect, TLS, timeout, reset).
@@ -152,6 +169,9 @@ pub enum GcpError {
         endpoint: String,
         /// What went wrong.
         reason: String,
+        /// The error underneath.
+        #[source]
+        source: Cause,
     },
 
     /// HTTP 401: the credentials were not accepted.
@@ -242,6 +262,9 @@ pub enum GcpError {
         connection_name: String,
         /// What is wrong with the answer.
         reason: String,
+        /// The error underneath, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
 }
 
@@ -315,10 +338,10 @@ impl GcpError {
         match self {
             Self::InvalidConnectionName { reason, .. } => reason,
             Self::InvalidEndpoint { reason, .. }
-            | Self::InvalidRootCa { reason }
-            | Self::CredentialsSetup { reason }
+            | Self::InvalidRootCa { reason, .. }
+            | Self::CredentialsSetup { reason, .. }
             | Self::Credentials { reason, .. }
-            | Self::HttpClient { reason }
+            | Self::HttpClient { reason, .. }
             | Self::Transport { reason, .. }
             | Self::InvalidResponse { reason, .. } => reason,
             Self::Unauthenticated { reply, .. }
@@ -473,6 +496,7 @@ mod tests {
             connection_name: "proj:us-central1:orders".into(),
             endpoint: "https://sqladmin.googleapis.com/".into(),
             reason: "connection refused".into(),
+            source: Cause::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
         };
         assert!(error.is_retryable());
         assert_eq!(error.http_status(), None);

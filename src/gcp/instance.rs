@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use super::{ConnectionName, GcpError};
+use super::{Cause, ConnectionName, GcpError};
 use crate::budget::DiscoveredInstance;
 
 /// A Cloud SQL instance as `instances.get` describes it, reduced to what the
@@ -46,6 +46,7 @@ impl DatabaseInstance {
             serde_json::from_slice(body).map_err(|e| GcpError::InvalidResponse {
                 connection_name: asked.to_string(),
                 reason: format!("not a DatabaseInstance JSON object: {e}"),
+                source: Some(Cause::new(e)),
             })?;
         let InstanceResource {
             connection_name,

@@ -28,5 +28,5 @@ mod instance;
 pub use client::{AdminApi, DEFAULT_ENDPOINT, SQLADMIN_SCOPE};
 pub use connection_name::ConnectionName;
 pub use discovery::{CapacityDiscovery, Observation, RetryPolicy};
-pub use error::{GcpError, GoogleError};
+pub use error::{Cause, GcpError, GoogleError};
 pub use instance::{DatabaseInstance, InstanceState, IpAddress};

@@ -153,7 +153,7 @@ fn offset(time: SystemTime) -> OffsetDateTime {
 }
 
 fn cert_error(what: &str) -> impl Fn(rcgen::Error) -> Error + '_ {
-    move |e| Error::Certificate(format!("{what}: {e}"))
+    move |e| Error::certificate(what, e)
 }
 
 /// A new CA valid from `now` for twice the serving validity: it is the next

@@ -48,6 +48,8 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::error::Cause;
+
 pub use certificates::{CertificateTimes, run_certificate_manager};
 pub use configuration::{mutating_configuration, validating_configuration};
 pub(crate) use pods::opted_out;
@@ -101,7 +103,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A call to the API server failed.
-    #[error("{action}: {source}")]
+    #[error("{action}: {}", crate::telemetry::KubeError(source))]
     Kube {
         /// What we were doing.
         action: String,
@@ -110,11 +112,33 @@ pub enum Error {
         source: kube::Error,
     },
     /// A certificate could not be created or read.
-    #[error("webhook certificate: {0}")]
-    Certificate(String),
+    #[error("webhook certificate: {reason}")]
+    Certificate {
+        /// What failed, with the underlying error's words.
+        reason: String,
+        /// The underlying error (rcgen, rustls, PEM), when there is one.
+        #[source]
+        source: Option<Cause>,
+    },
     /// The options are inconsistent.
-    #[error("webhook options: {0}")]
-    Options(String),
+    #[error("webhook options: {reason}")]
+    Options {
+        /// What is wrong, and which flag to fix.
+        reason: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<Cause>,
+    },
+}
+
+impl Error {
+    /// A certificate error: `what` failed because of `source`.
+    fn certificate(what: &str, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error::Certificate {
+            reason: format!("{what}: {source}"),
+            source: Some(Cause::new(source)),
+        }
+    }
 }
 
 /// How the API server reaches the webhook.
@@ -140,17 +164,22 @@ impl Endpoint {
     pub fn subject_alt_names(&self) -> Result<Vec<String>, Error> {
         match self {
             Endpoint::Url(url) => {
-                let uri: http::Uri = url
-                    .parse()
-                    .map_err(|e| Error::Options(format!("--webhook-url {url:?}: {e}")))?;
+                let uri: http::Uri = url.parse().map_err(|e| Error::Options {
+                    reason: format!("--webhook-url {url:?}: {e}"),
+                    source: Some(Cause::new(e)),
+                })?;
                 if uri.scheme_str() != Some("https") {
-                    return Err(Error::Options(format!(
-                        "--webhook-url {url:?} must start with https:// (the API server calls webhooks over TLS only)"
-                    )));
+                    return Err(Error::Options {
+                        reason: format!(
+                            "--webhook-url {url:?} must start with https:// (the API server calls webhooks over TLS only)"
+                        ),
+                        source: None,
+                    });
                 }
-                let host = uri
-                    .host()
-                    .ok_or_else(|| Error::Options(format!("--webhook-url {url:?} has no host")))?;
+                let host = uri.host().ok_or_else(|| Error::Options {
+                    reason: format!("--webhook-url {url:?} has no host"),
+                    source: None,
+                })?;
                 Ok(vec![host.trim_matches(['[', ']']).to_owned()])
             }
             Endpoint::Service {

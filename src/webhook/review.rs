@@ -12,6 +12,7 @@ use super::{
 };
 use crate::api::CloudSqlBinding;
 use crate::controller::world::Stores;
+use crate::error::Cause;
 use crate::plan::TargetCapabilities;
 
 /// What the webhook reads to answer: the stores every replica keeps synced,
@@ -81,6 +82,9 @@ pub enum ReviewError {
         route: &'static str,
         /// What the parser said.
         reason: String,
+        /// The parser's error.
+        #[source]
+        source: Cause,
     },
     /// The AdmissionReview holds no `request`.
     #[error("the AdmissionReview has no request")]
@@ -164,6 +168,7 @@ pub fn answer(
     let body = serde_json::to_vec(&response.into_review()).map_err(|e| ReviewError::Malformed {
         route: route.path(),
         reason: e.to_string(),
+        source: Cause::new(e),
     })?;
     Ok((body, outcome))
 }
@@ -176,6 +181,7 @@ where
         serde_json::from_slice(body).map_err(|e| ReviewError::Malformed {
             route: route.path(),
             reason: e.to_string(),
+            source: Cause::new(e),
         })?;
     review.try_into().map_err(|_| ReviewError::NoRequest)
 }

@@ -206,7 +206,7 @@ async fn follow_secret(client: Client, options: WebhookOptions, resolver: Arc<Re
         let secret = match event {
             Ok(secret) => secret,
             Err(err) => {
-                warn!(error = %err, "webhook: watching the certificate Secret");
+                warn!(error = %crate::telemetry::WatchError(&err), "webhook: watching the certificate Secret");
                 continue;
             }
         };

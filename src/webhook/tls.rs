@@ -44,20 +44,23 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, Error> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| Error::Certificate(format!("reading tls.crt: {e}")))?;
+        .map_err(|e| Error::certificate("reading tls.crt", e))?;
     if chain.is_empty() {
-        return Err(Error::Certificate("tls.crt holds no certificate".into()));
+        return Err(Error::Certificate {
+            reason: "tls.crt holds no certificate".into(),
+            source: None,
+        });
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| Error::Certificate(format!("reading tls.key: {e}")))?;
+        .map_err(|e| Error::certificate("reading tls.key", e))?;
     let signing = provider()
         .key_provider
         .load_private_key(key)
-        .map_err(|e| Error::Certificate(format!("loading tls.key: {e}")))?;
+        .map_err(|e| Error::certificate("loading tls.key", e))?;
     let certified = CertifiedKey::new(chain, signing);
     certified
         .keys_match()
-        .map_err(|e| Error::Certificate(format!("tls.key does not match tls.crt: {e}")))?;
+        .map_err(|e| Error::certificate("tls.key does not match tls.crt", e))?;
     Ok(certified)
 }
 
@@ -71,7 +74,7 @@ pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, Er
 pub fn server_config(resolver: Arc<ReloadingResolver>) -> Result<rustls::ServerConfig, Error> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Certificate(format!("TLS configuration: {e}")))?
+        .map_err(|e| Error::certificate("TLS configuration", e))?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

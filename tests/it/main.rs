@@ -12,4 +12,5 @@ mod controller;
 mod fixture_sqladmin;
 mod foundation;
 mod gcp;
+mod leader;
 mod render;
