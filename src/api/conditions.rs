@@ -251,6 +251,33 @@ impl<'a> Conditions<'a> {
         self
     }
 
+    /// Adds condition `type_` whose reason comes from another typed source
+    /// (a capacity source, a Google API error kind).
+    pub fn set_from(
+        &mut self,
+        type_: &str,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+    ) -> &mut Self {
+        self.built.push(condition(
+            self.previous,
+            type_,
+            status,
+            reason,
+            message,
+            self.generation,
+            self.now,
+        ));
+        self
+    }
+
+    /// Adds conditions built elsewhere, in order.
+    pub fn extend(&mut self, built: impl IntoIterator<Item = Condition>) -> &mut Self {
+        self.built.extend(built);
+        self
+    }
+
     /// The conditions built.
     pub fn build(self) -> Vec<Condition> {
         self.built

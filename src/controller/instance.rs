@@ -18,8 +18,8 @@ use super::operators::{HOLD_OFF, Stance, conflict_message};
 use super::world::{Eligibility, binding_key};
 use super::{Context, Error};
 use crate::api::{
-    CapacityStatus, CloudSqlInstance, CloudSqlInstanceStatus, Discovery, FIELD_MANAGER, Reason,
-    condition, condition_type, conditions_equivalent, find_condition,
+    CapacityStatus, CloudSqlInstance, CloudSqlInstanceStatus, Conditions, Discovery, FIELD_MANAGER,
+    Reason, condition, condition_type, conditions_equivalent, find_condition,
 };
 use crate::budget::CapacityResolution;
 use crate::telemetry::InstanceLabel;
@@ -157,10 +157,11 @@ pub async fn reconcile(
     let capacity = ctx.stores.capacity(&instance, discovered.clone());
     let budget = ctx.stores.budget(&instance, &capacity);
     let bindings = ctx.stores.bindings_of_any_order(&name);
-
-    let mut status = CloudSqlInstanceStatus {
-        observed_generation: generation,
-        reconciled_by: Some(me.to_owned()),
+    let view = InstanceView {
+        name: name.clone(),
+        generation,
+        previous: &previous,
+        identity: me.to_owned(),
         database_version: discovered
             .as_ref()
             .map(|d| d.database_version.clone())
@@ -169,134 +170,28 @@ pub async fn reconcile(
             .as_ref()
             .map(|d| d.tier.clone())
             .or_else(|| instance.spec.capacity.tier.clone()),
-        bindings: i32::try_from(bindings.len()).unwrap_or(i32::MAX),
-        ..Default::default()
+        bindings: bindings.len(),
+        capacity: &capacity,
+        budget: &budget,
+        leading: conflict.into_iter().chain(discovered_condition).collect(),
     };
-    let mut conditions: Vec<_> = conflict.into_iter().chain(discovered_condition).collect();
-    let mut warning = None;
-    match &capacity {
-        Ok(CapacityResolution::Known(c)) => {
-            status.capacity = Some(CapacityStatus {
-                max_connections: i64::from(c.max_connections),
-                source: c.source.as_str().to_string(),
-                usable: i64::from(c.usable()),
-            });
-            conditions.push(condition(
-                prev,
-                condition_type::CAPACITY_KNOWN,
-                true,
-                c.source.as_str(),
-                format!(
-                    "max_connections {} ({}) - reserved {} - external {} = {} usable",
-                    c.max_connections,
-                    c.source,
-                    c.reserved,
-                    c.external,
-                    c.usable()
-                ),
-                generation,
-                now,
-            ));
-            ctx.metrics
-                .usable
-                .get_or_create(&InstanceLabel {
-                    instance: name.clone(),
-                })
-                .set(i64::from(c.usable()));
-        }
-        Ok(CapacityResolution::Unknown(why)) => {
-            let message = format!("{why}; bindings are granted their minPerPod");
-            conditions.push(condition(
-                prev,
-                condition_type::CAPACITY_KNOWN,
-                false,
-                why.reason(),
-                &message,
-                generation,
-                now,
-            ));
-            warning = Some(("CapacityUnknown", message));
-        }
-        Err(why) => {
-            let message = format!("{why}; bindings are granted their minPerPod");
-            conditions.push(condition(
-                prev,
-                condition_type::CAPACITY_KNOWN,
-                false,
-                "InvalidCapacity",
-                &message,
-                generation,
-                now,
-            ));
-            warning = Some(("CapacityUnknown", message));
-        }
+    let (status, warning) = instance_status(&view, now);
+    if let Ok(CapacityResolution::Known(c)) = &capacity {
+        ctx.metrics
+            .usable
+            .get_or_create(&InstanceLabel {
+                instance: name.clone(),
+            })
+            .set(i64::from(c.usable()));
     }
     if let Some(a) = &budget.allocation {
-        status.allocated = Some(i64::try_from(a.allocated).unwrap_or(i64::MAX));
         ctx.metrics
             .allocated
             .get_or_create(&InstanceLabel {
                 instance: name.clone(),
             })
             .set(i64::try_from(a.allocated).unwrap_or(i64::MAX));
-        if a.fits {
-            conditions.push(condition(
-                prev,
-                condition_type::BUDGET_FITS,
-                true,
-                if a.requested <= u64::from(a.usable) { "Fits" } else { "Shared" },
-                format!(
-                    "{} bindings request {} connections at their maximum pools; {} allocated of {} usable",
-                    budget.requests.len(),
-                    a.requested,
-                    a.allocated,
-                    a.usable
-                ),
-                generation,
-                now,
-            ));
-        } else {
-            let message = format!(
-                "minimum pools need {} connections; {name} has {} usable",
-                a.needed_min, a.usable
-            );
-            conditions.push(condition(
-                prev,
-                condition_type::BUDGET_FITS,
-                false,
-                "Overcommitted",
-                &message,
-                generation,
-                now,
-            ));
-            warning = Some(("Overcommitted", message));
-        }
     }
-    let capacity_ok = matches!(capacity, Ok(CapacityResolution::Known(_)));
-    let fits = budget.allocation.as_ref().is_some_and(|a| a.fits);
-    let (ready, reason, message) = match (capacity_ok, fits) {
-        (true, true) => (true, "Ready", format!("{} bindings", status.bindings)),
-        (false, _) => (
-            false,
-            "CapacityUnknown",
-            "the capacity is unknown".to_string(),
-        ),
-        (true, false) => (
-            false,
-            "Overcommitted",
-            "the minimum pools of the bindings do not fit".to_string(),
-        ),
-    };
-    conditions.push(condition(
-        prev,
-        condition_type::READY,
-        ready,
-        reason,
-        message,
-        generation,
-        now,
-    ));
-    status.conditions = conditions;
 
     if !status_equivalent(&previous, &status) {
         let api: Api<CloudSqlInstance> = Api::all(ctx.client.clone());
@@ -317,13 +212,8 @@ pub async fn reconcile(
         })?;
         ctx.metrics.write("instance", "apply_status");
         ctx.operators.wrote(uid);
-        let reason_of = |cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
-            find_condition(cs, condition_type::READY).map(|c| c.reason.clone())
-        };
-        if let Some((reason, note)) = warning
-            && reason_of(prev) != reason_of(&status.conditions)
-        {
-            publish(&ctx, &instance, reason, note).await;
+        if let Some((reason, note)) = warning {
+            publish(&ctx, &instance, reason.as_str(), note).await;
         }
     }
 
@@ -398,5 +288,281 @@ async fn publish(ctx: &Context, instance: &CloudSqlInstance, reason: &str, note:
         .is_ok()
     {
         ctx.metrics.write("instance", "event");
+    }
+}
+
+/// What an instance's status is computed from.
+pub(super) struct InstanceView<'a> {
+    /// The instance's name.
+    pub name: String,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// The status the store holds.
+    pub previous: &'a CloudSqlInstanceStatus,
+    /// This installation (`status.reconciledBy`).
+    pub identity: String,
+    /// Database version in use (discovered, else the spec's).
+    pub database_version: Option<String>,
+    /// Machine tier in use (discovered, else the spec's).
+    pub tier: Option<String>,
+    /// Bindings that name the instance.
+    pub bindings: usize,
+    /// The resolved capacity.
+    pub capacity: &'a super::world::CapacityResolutionOrError,
+    /// The budget over its bindings.
+    pub budget: &'a super::world::Budget,
+    /// Conditions computed before (OperatorConflict, Discovered), first.
+    pub leading: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+}
+
+/// The instance's status and, when something is wrong, the Warning to
+/// publish (reason and message) if its Ready reason moved. Pure.
+pub(super) fn instance_status(
+    view: &InstanceView<'_>,
+    now: Timestamp,
+) -> (CloudSqlInstanceStatus, Option<(Reason, String)>) {
+    let name = &view.name;
+    let mut status = CloudSqlInstanceStatus {
+        observed_generation: view.generation,
+        reconciled_by: Some(view.identity.clone()),
+        database_version: view.database_version.clone(),
+        tier: view.tier.clone(),
+        bindings: i32::try_from(view.bindings).unwrap_or(i32::MAX),
+        ..Default::default()
+    };
+    let mut conditions = Conditions::new(&view.previous.conditions, view.generation, now);
+    conditions.extend(view.leading.iter().cloned());
+    let mut warning = None;
+    match view.capacity {
+        Ok(CapacityResolution::Known(c)) => {
+            status.capacity = Some(CapacityStatus {
+                max_connections: i64::from(c.max_connections),
+                source: c.source.as_str().to_string(),
+                usable: i64::from(c.usable()),
+            });
+            conditions.set_from(
+                condition_type::CAPACITY_KNOWN,
+                true,
+                c.source.as_str(),
+                format!(
+                    "max_connections {} ({}) - reserved {} - external {} = {} usable",
+                    c.max_connections,
+                    c.source,
+                    c.reserved,
+                    c.external,
+                    c.usable()
+                ),
+            );
+        }
+        Ok(CapacityResolution::Unknown(why)) => {
+            let message = format!("{why}; bindings are granted their minPerPod");
+            conditions.set_from(
+                condition_type::CAPACITY_KNOWN,
+                false,
+                why.reason(),
+                &message,
+            );
+            warning = Some((Reason::CapacityUnknown, message));
+        }
+        Err(why) => {
+            let message = format!("{why}; bindings are granted their minPerPod");
+            conditions.set(
+                condition_type::CAPACITY_KNOWN,
+                false,
+                Reason::InvalidCapacity,
+                &message,
+            );
+            warning = Some((Reason::CapacityUnknown, message));
+        }
+    }
+    if let Some(a) = &view.budget.allocation {
+        status.allocated = Some(i64::try_from(a.allocated).unwrap_or(i64::MAX));
+        if a.fits {
+            conditions.set(
+                condition_type::BUDGET_FITS,
+                true,
+                if a.requested <= u64::from(a.usable) {
+                    Reason::Fits
+                } else {
+                    Reason::Shared
+                },
+                format!(
+                    "{} bindings request {} connections at their maximum pools; {} allocated of {} usable",
+                    view.budget.requests.len(),
+                    a.requested,
+                    a.allocated,
+                    a.usable
+                ),
+            );
+        } else {
+            let message = format!(
+                "minimum pools need {} connections; {name} has {} usable",
+                a.needed_min, a.usable
+            );
+            conditions.set(
+                condition_type::BUDGET_FITS,
+                false,
+                Reason::Overcommitted,
+                &message,
+            );
+            warning = Some((Reason::Overcommitted, message));
+        }
+    }
+    let capacity_ok = matches!(view.capacity, Ok(CapacityResolution::Known(_)));
+    let fits = view.budget.allocation.as_ref().is_some_and(|a| a.fits);
+    let (ready, reason, message) = match (capacity_ok, fits) {
+        (true, true) => (true, Reason::Ready, format!("{} bindings", status.bindings)),
+        (false, _) => (
+            false,
+            Reason::CapacityUnknown,
+            "the capacity is unknown".to_string(),
+        ),
+        (true, false) => (
+            false,
+            Reason::Overcommitted,
+            "the minimum pools of the bindings do not fit".to_string(),
+        ),
+    };
+    conditions.set(condition_type::READY, ready, reason, message);
+    status.conditions = conditions.build();
+    // Told once: when the Ready reason moves.
+    let reason_of = |cs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+        find_condition(cs, condition_type::READY).map(|c| c.reason.clone())
+    };
+    let warning =
+        warning.filter(|_| reason_of(&view.previous.conditions) != reason_of(&status.conditions));
+    (status, warning)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::{Capacity, CapacitySource};
+
+    fn budget(allocation: Option<crate::budget::Allocation>) -> super::super::world::Budget {
+        super::super::world::Budget {
+            requests: Vec::new(),
+            max_pods: Default::default(),
+            allocation,
+        }
+    }
+
+    fn allocation(
+        fits: bool,
+        requested: u64,
+        allocated: u64,
+        needed_min: u64,
+    ) -> crate::budget::Allocation {
+        crate::budget::Allocation {
+            grants: Default::default(),
+            connections: Default::default(),
+            fits,
+            needed_min,
+            requested,
+            allocated,
+            usable: 374,
+        }
+    }
+
+    fn known() -> super::super::world::CapacityResolutionOrError {
+        Ok(CapacityResolution::Known(Capacity {
+            max_connections: 400,
+            source: CapacitySource::Spec,
+            reserved: 6,
+            external: 20,
+        }))
+    }
+
+    fn now() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).expect("a time")
+    }
+
+    #[test]
+    fn a_known_capacity_that_fits_is_ready_with_the_arithmetic() {
+        let previous = CloudSqlInstanceStatus::default();
+        let (capacity, budget) = (known(), budget(Some(allocation(true, 300, 300, 40))));
+        let view = InstanceView {
+            name: "orders".into(),
+            generation: Some(2),
+            previous: &previous,
+            identity: "me".into(),
+            database_version: Some("POSTGRES_16".into()),
+            tier: None,
+            bindings: 4,
+            capacity: &capacity,
+            budget: &budget,
+            leading: Vec::new(),
+        };
+        let (status, warning) = instance_status(&view, now());
+        assert!(warning.is_none());
+        assert_eq!(status.allocated, Some(300));
+        assert_eq!(status.capacity.as_ref().map(|c| c.usable), Some(374));
+        let capacity = find_condition(&status.conditions, condition_type::CAPACITY_KNOWN)
+            .expect("CapacityKnown");
+        assert_eq!(
+            capacity.message,
+            "max_connections 400 (Spec) - reserved 6 - external 20 = 374 usable"
+        );
+        let ready = find_condition(&status.conditions, condition_type::READY).expect("Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.message.as_str()),
+            ("True", "4 bindings")
+        );
+    }
+
+    #[test]
+    fn overcommitted_minimums_warn_once() {
+        let previous = CloudSqlInstanceStatus::default();
+        let (capacity, budget) = (known(), budget(Some(allocation(false, 900, 500, 500))));
+        let mut view = InstanceView {
+            name: "orders".into(),
+            generation: Some(2),
+            previous: &previous,
+            identity: "me".into(),
+            database_version: None,
+            tier: None,
+            bindings: 9,
+            capacity: &capacity,
+            budget: &budget,
+            leading: Vec::new(),
+        };
+        let (status, warning) = instance_status(&view, now());
+        assert_eq!(
+            warning,
+            Some((
+                Reason::Overcommitted,
+                "minimum pools need 500 connections; orders has 374 usable".to_string()
+            ))
+        );
+        view.previous = &status;
+        let (_, again) = instance_status(&view, now());
+        assert_eq!(again, None, "the same state is not told twice");
+    }
+
+    #[test]
+    fn an_invalid_capacity_is_not_ready() {
+        let previous = CloudSqlInstanceStatus::default();
+        let capacity: super::super::world::CapacityResolutionOrError =
+            Err("spec.capacity.reservedConnections exceeds maxConnections".into());
+        let budget = budget(None);
+        let view = InstanceView {
+            name: "orders".into(),
+            generation: Some(1),
+            previous: &previous,
+            identity: "me".into(),
+            database_version: None,
+            tier: None,
+            bindings: 0,
+            capacity: &capacity,
+            budget: &budget,
+            leading: Vec::new(),
+        };
+        let (status, warning) = instance_status(&view, now());
+        let c = find_condition(&status.conditions, condition_type::CAPACITY_KNOWN)
+            .expect("CapacityKnown");
+        assert_eq!(c.reason, "InvalidCapacity");
+        assert_eq!(warning.map(|w| w.0), Some(Reason::CapacityUnknown));
+        let ready = find_condition(&status.conditions, condition_type::READY).expect("Ready");
+        assert_eq!(ready.reason, "CapacityUnknown");
     }
 }

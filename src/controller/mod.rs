@@ -52,7 +52,7 @@ use world::Stores;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A call to the API server failed.
-    #[error("{action}: {source}")]
+    #[error("{action}: {}", crate::telemetry::KubeError(source))]
     Kube {
         /// What we were doing.
         action: String,
@@ -367,7 +367,9 @@ fn spawn_workload_mapper<K, S>(
                         let _ = tx.send(r);
                     }
                 }
-                Err(err) => warn!(kind = %K::KIND, error = %err, "watch error"),
+                Err(err) => {
+                    warn!(kind = %K::KIND, error = %crate::telemetry::WatchError(&err), "watch error")
+                }
             }
         }
     });
@@ -407,7 +409,7 @@ async fn native_sidecars(client: &Client) -> bool {
             info.major == "1" && minor >= 29
         }
         Err(err) => {
-            warn!(error = %err, "cannot read the server version; assuming no native sidecars");
+            warn!(error = %crate::telemetry::KubeError(&err), "cannot read the server version; assuming no native sidecars");
             false
         }
     }
@@ -832,7 +834,9 @@ where
         while let Some(item) = stream.next().await {
             match item {
                 Ok(obj) => on_change(&obj),
-                Err(err) => warn!(kind = %K::kind(&()), error = %err, "watch error"),
+                Err(err) => {
+                    warn!(kind = %K::kind(&()), error = %crate::telemetry::WatchError(&err), "watch error")
+                }
             }
         }
     });
@@ -959,7 +963,7 @@ pub async fn run_controllers(
         )
         .for_each(|res| async move {
             if let Err(err) = res {
-                warn!(error = %err, "binding reconcile failed");
+                log_controller_error("binding", &err);
             }
         });
     let instances = instance_controller
@@ -981,11 +985,33 @@ pub async fn run_controllers(
         )
         .for_each(|res| async move {
             if let Err(err) = res {
-                warn!(error = %err, "instance reconcile failed");
+                log_controller_error("instance", &err);
             }
         });
     let sweeper = orphans::sweep(ctx, shutdown);
     tokio::join!(bindings, instances, sweeper);
+}
+
+/// Logs a failure of the controller machinery on one line, with our own
+/// error's message (kube's wrapper names only the object).
+fn log_controller_error(
+    controller: &str,
+    err: &kube::runtime::controller::Error<Error, watcher::Error>,
+) {
+    use kube::runtime::controller::Error as Failed;
+    match err {
+        Failed::ReconcilerFailed(err, obj) => {
+            warn!(controller, object = %obj, error = %err, "reconcile failed");
+        }
+        Failed::ObjectNotFound(obj) => {
+            // Deleted between its trigger and its reconcile: nothing to do.
+            tracing::debug!(controller, object = %obj, "gone before its reconcile");
+        }
+        Failed::QueueError(err) => {
+            warn!(controller, error = %crate::telemetry::WatchError(err), "trigger stream failed");
+        }
+        other => warn!(controller, error = %other, "controller error"),
+    }
 }
 
 /// Starts the stores, marks the process ready, and runs the controllers until
