@@ -94,6 +94,8 @@ start() { # component args...
   # 9>&-: the lock fd must not be inherited, or the next run waits forever.
   setsid "$bin/$c" "$@" >"$logs/$c.log" 2>&1 </dev/null 9>&- &
   echo $! >"$state/$c.pid"
+  # The exact command, for tools/cluster-restart.sh (one argument per line).
+  printf '%s\n' "$bin/$c" "$@" >"$state/$c.cmd"
 }
 
 wait_for() { # description seconds command...

@@ -1761,3 +1761,136 @@ async fn random() {
         .await;
     }
 }
+
+// ---------------------------------------------------------------------------
+// f. kube-apiserver and etcd restarted under the operator.
+
+/// A control plane of this test's own (tools/cluster-up.sh in a temporary
+/// directory): restarting the shared one's apiserver or etcd would break every
+/// test running in parallel. Stopped with tools/cluster-down.sh when dropped.
+struct PrivateCluster {
+    dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl PrivateCluster {
+    fn up() -> PrivateCluster {
+        let tmp = tempfile::Builder::new()
+            .prefix("convergence-cluster-")
+            .tempdir()
+            .expect("a temporary directory for the private cluster");
+        let dir = tmp.path().join("cluster");
+        let output = Command::new("bash")
+            .arg(support::repo_root().join("tools/cluster-up.sh"))
+            .env("CLOUDSQL_BINDER_CLUSTER_DIR", &dir)
+            .output()
+            .expect("running tools/cluster-up.sh");
+        let cluster = PrivateCluster { dir, _tmp: tmp };
+        assert!(
+            output.status.success(),
+            "the private control plane could not be started in {}:\n{}",
+            cluster.dir.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        cluster
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    /// tools/cluster-restart.sh COMPONENT --kill: a crash, then the same command again.
+    fn restart(&self, component: &str) {
+        let output = Command::new("bash")
+            .arg(support::repo_root().join("tools/cluster-restart.sh"))
+            .args([component, "--kill"])
+            .env("CLOUDSQL_BINDER_CLUSTER_DIR", &self.dir)
+            .output()
+            .expect("running tools/cluster-restart.sh");
+        assert!(
+            output.status.success(),
+            "restarting {component} failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "convergence: f: {component} killed and restarted"
+        );
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(support::repo_root().join("tools/cluster-down.sh"))
+            .env("CLOUDSQL_BINDER_CLUSTER_DIR", &self.dir)
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn apiserver_and_etcd_restarts_in_the_middle_of_a_rollout_converge() {
+    let cluster = PrivateCluster::up();
+    let client = support::client_for(&cluster.kubeconfig()).await;
+    support::install_crds(&client).await;
+    let ns = "conv-f".to_string();
+    let mut namespace = Namespace::default();
+    namespace.metadata.name = Some(ns.clone());
+    Api::<Namespace>::all(client.clone())
+        .create(&Default::default(), &namespace)
+        .await
+        .expect("creating the namespace");
+    let mut world = World {
+        client: client.clone(),
+        kubeconfig: cluster.kubeconfig(),
+        namespaces: vec![ns.clone()],
+        applied: Applied::default(),
+        expect: Expect::default(),
+        replay: String::new(),
+    };
+    let inst = "conv-f-db".to_string();
+    world.apply_instance(&inst, 200).await;
+    for i in 0..6 {
+        let w = format!("w{i}");
+        world.apply_deployment(&ns, &w, json!({}), "mine").await;
+        world
+            .apply_binding(&ns, &format!("b{i}"), &inst, by_name(&w), 5)
+            .await;
+    }
+    let dir = log_dir();
+    let ops: Operators = Default::default();
+    start(&ops, world.operator("conv-f", dir.path())).await;
+    converge(
+        &world,
+        &ops,
+        Duration::from_secs(90),
+        Duration::from_secs(2),
+        "f (before the restarts)",
+    )
+    .await;
+
+    // A rollout: every grant changes; the apiserver dies in its middle.
+    for i in 0..3 {
+        world
+            .apply_binding(&ns, &format!("b{i}"), &inst, by_name(&format!("w{i}")), 4)
+            .await;
+    }
+    cluster.restart("kube-apiserver");
+    for i in 3..6 {
+        world
+            .apply_binding(&ns, &format!("b{i}"), &inst, by_name(&format!("w{i}")), 4)
+            .await;
+    }
+    world.apply_instance(&inst, 20).await;
+    cluster.restart("etcd");
+    world.apply_deployment(&ns, "w0", json!({}), "changed").await;
+    converge(
+        &world,
+        &ops,
+        Duration::from_secs(120),
+        IDLE,
+        "f (after kube-apiserver and etcd restarts)",
+    )
+    .await;
+    drop(ops);
+}
