@@ -984,12 +984,20 @@ fn fingerprint(s: &Snapshot) -> BTreeMap<String, String> {
             format!("generation {}", v["metadata"]["generation"]),
         );
     }
+    // Not resourceVersion: kube-controller-manager writes a Deployment's
+    // status and its deployment.kubernetes.io/revision annotation.
     for (k, v) in &s.deployments {
+        let ours: BTreeMap<&String, &Value> = v["metadata"]["annotations"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.starts_with(OUR_PREFIX))
+            .collect();
         f.insert(
             format!("Deployment {}/{}", k.0, k.1),
             format!(
-                "generation {} annotations {}",
-                v["metadata"]["generation"], v["metadata"]["annotations"]
+                "generation {} annotations {ours:?}",
+                v["metadata"]["generation"]
             ),
         );
     }
@@ -1831,6 +1839,8 @@ impl Drop for PrivateCluster {
 #[tokio::test]
 async fn apiserver_and_etcd_restarts_in_the_middle_of_a_rollout_converge() {
     let cluster = PrivateCluster::up();
+    // support::client() installs it; this test may be the first to need one.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let client = support::client_for(&cluster.kubeconfig()).await;
     support::install_crds(&client).await;
     let ns = "conv-f".to_string();
