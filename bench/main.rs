@@ -431,7 +431,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let cluster_dir = work.join("cluster");
     for shared in [".cluster", ".cluster-test"] {
         if cluster_dir.starts_with(repo.join(shared)) {
-            bail!("the bench never uses the demo's .cluster/ or the tests' .cluster-test/; pick another --work-dir");
+            bail!(
+                "the bench never uses the demo's .cluster/ or the tests' .cluster-test/; pick another --work-dir"
+            );
         }
     }
     let logs = work.join("logs");

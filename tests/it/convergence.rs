@@ -74,13 +74,10 @@ async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
         .await
         .ok()?;
     let mut response = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        stream.read_to_string(&mut response),
-    )
-    .await
-    .ok()?
-    .ok()?;
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .ok()?
+        .ok()?;
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
     let body = response
         .split_once("\r\n\r\n")
@@ -89,9 +86,19 @@ async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// The operator binary: `CLOUDSQL_BINDER_BIN` when set (a copy that a build
+/// in a shared target directory cannot replace mid-run), else the one cargo
+/// built with this test.
+fn binary() -> PathBuf {
+    std::env::var_os("CLOUDSQL_BINDER_BIN")
+        .filter(|b| !b.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_cloudsql-binder")))
+}
+
 /// Whether the binary knows a `run` flag (flags the controller rewrite adds).
 fn run_supports(flag: &str) -> bool {
-    Command::new(env!("CARGO_BIN_EXE_cloudsql-binder"))
+    Command::new(binary())
         .args(["run", "--help"])
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
@@ -164,7 +171,7 @@ impl OperatorProcess {
             .open(&self.log)
             .expect("opening the operator's log");
         let _ = writeln!(log, "--- start #{} {}", self.starts, args.join(" "));
-        let child = Command::new(env!("CARGO_BIN_EXE_cloudsql-binder"))
+        let child = Command::new(binary())
             .args(&args)
             .env("KUBECONFIG", &self.spec.kubeconfig)
             .env("POD_NAME", &self.spec.identity)
@@ -222,7 +229,6 @@ impl OperatorProcess {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-
 }
 
 impl Drop for OperatorProcess {
@@ -503,7 +509,10 @@ where
 
 fn key_of(v: &Value) -> (String, String) {
     (
-        v["metadata"]["namespace"].as_str().unwrap_or("").to_string(),
+        v["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
         v["metadata"]["name"].as_str().unwrap_or("").to_string(),
     )
 }
@@ -530,8 +539,11 @@ async fn snapshot(world: &World) -> Result<Snapshot, String> {
         for v in list_json(Api::<Deployment>::namespaced(world.client.clone(), ns)).await? {
             s.deployments.insert(key_of(&v), v);
         }
-        for v in
-            list_json(Api::<HorizontalPodAutoscaler>::namespaced(world.client.clone(), ns)).await?
+        for v in list_json(Api::<HorizontalPodAutoscaler>::namespaced(
+            world.client.clone(),
+            ns,
+        ))
+        .await?
         {
             s.hpas.insert(key_of(&v), v);
         }
@@ -704,7 +716,11 @@ fn user_fields(d: &Value, user: &Value, problems: &mut Vec<String>, what: &str) 
             ));
         }
         let ours_mounts = strings(&record["volumeMounts"][name]);
-        let mounts = without(&or_empty_array(&lc["volumeMounts"]), "mountPath", &ours_mounts);
+        let mounts = without(
+            &or_empty_array(&lc["volumeMounts"]),
+            "mountPath",
+            &ours_mounts,
+        );
         if mounts != or_empty_array(&uc["volumeMounts"]) {
             problems.push(format!(
                 "{what}: container {name}'s mounts without ours are {mounts}, the user applied {}",
@@ -713,7 +729,11 @@ fn user_fields(d: &Value, user: &Value, problems: &mut Vec<String>, what: &str) 
         }
     }
     let ours_volumes = strings(&record["volumes"]);
-    let volumes = without(&or_empty_array(&live_spec["volumes"]), "name", &ours_volumes);
+    let volumes = without(
+        &or_empty_array(&live_spec["volumes"]),
+        "name",
+        &ours_volumes,
+    );
     if volumes != or_empty_array(&user_spec["volumes"]) {
         problems.push(format!(
             "{what}: volumes without ours are {volumes}, the user applied {}",
@@ -743,7 +763,10 @@ fn check(world: &World, s: &Snapshot) -> Result<(), String> {
     }
     for k in world.applied.bindings.keys() {
         if !s.bindings.contains_key(k) {
-            problems.push(format!("binding {}/{} the user applied is missing", k.0, k.1));
+            problems.push(format!(
+                "binding {}/{} the user applied is missing",
+                k.0, k.1
+            ));
         }
     }
 
@@ -832,7 +855,10 @@ fn check(world: &World, s: &Snapshot) -> Result<(), String> {
         }
         for c in spec["containers"].as_array().into_iter().flatten() {
             for dup in duplicates(&names(&c["env"])) {
-                problems.push(format!("{what}: container {} has env {dup} twice", c["name"]));
+                problems.push(format!(
+                    "{what}: container {} has env {dup} twice",
+                    c["name"]
+                ));
             }
         }
         user_fields(d, user, &mut problems, &what);
@@ -856,7 +882,10 @@ fn check(world: &World, s: &Snapshot) -> Result<(), String> {
         }
         // A binding without its instance keeps the last injection (or never
         // had one): only the consistency checks above apply.
-        if bindings.iter().all(|(bk, _)| instance_missing.contains(*bk)) {
+        if bindings
+            .iter()
+            .all(|(bk, _)| instance_missing.contains(*bk))
+        {
             continue;
         }
         if proxies.len() != bindings.len() {
@@ -1012,7 +1041,11 @@ async fn writes_of(ops: &Operators) -> Vec<(String, Option<u64>)> {
         let (identity, addr, running) = {
             let mut ops = ops.lock().unwrap_or_else(|p| p.into_inner());
             let running = ops[i].running();
-            (ops[i].spec.identity.clone(), ops[i].metrics.clone(), running)
+            (
+                ops[i].spec.identity.clone(),
+                ops[i].metrics.clone(),
+                running,
+            )
         };
         let writes = if running {
             match http_get(&addr, "/metrics").await {
@@ -1073,10 +1106,18 @@ async fn converge(world: &World, ops: &Operators, timeout: Duration, idle: Durat
 }
 
 async fn assert_idle(world: &World, ops: &Operators, idle: Duration, when: &str) {
-    let before = fingerprint(&snapshot(world).await.unwrap_or_else(|e| panic!("{when}: {e}")));
+    let before = fingerprint(
+        &snapshot(world)
+            .await
+            .unwrap_or_else(|e| panic!("{when}: {e}")),
+    );
     let writes_before = writes_of(ops).await;
     tokio::time::sleep(idle).await;
-    let after = fingerprint(&snapshot(world).await.unwrap_or_else(|e| panic!("{when}: {e}")));
+    let after = fingerprint(
+        &snapshot(world)
+            .await
+            .unwrap_or_else(|e| panic!("{when}: {e}")),
+    );
     let writes_after = writes_of(ops).await;
     let mut moved: Vec<String> = before
         .iter()
@@ -1174,7 +1215,7 @@ async fn objects_created_before_the_operator_starts_in_every_order_converge() {
     let refs: Vec<&TestNamespace> = nss.iter().collect();
     let mut world = World::new(nss[0].client.clone(), &refs);
     let mut perms = Vec::new();
-    permutations(&mut vec![0, 1, 2, 3], 0, &mut perms);
+    permutations(&mut [0, 1, 2, 3], 0, &mut perms);
     assert_eq!(perms.len(), 24);
     for (p, order) in perms.iter().enumerate() {
         let ns = nss[p % nss.len()].name.clone();
@@ -1211,9 +1252,9 @@ async fn objects_created_before_the_operator_starts_in_every_order_converge() {
     .await;
 }
 
-fn permutations(items: &mut Vec<usize>, k: usize, out: &mut Vec<Vec<usize>>) {
+fn permutations(items: &mut [usize], k: usize, out: &mut Vec<Vec<usize>>) {
     if k == items.len() {
-        out.push(items.clone());
+        out.push(items.to_vec());
         return;
     }
     for i in k..items.len() {
@@ -1251,7 +1292,12 @@ async fn kill_9_in_the_middle_of_200_bindings_converges_after_restart() {
             async move {
                 let name = format!("w{i:03}");
                 let d = deployment(&name, json!({}), "mine");
-                retry_apply(&Api::<Deployment>::namespaced(client.clone(), &ns), &name, &d).await;
+                retry_apply(
+                    &Api::<Deployment>::namespaced(client.clone(), &ns),
+                    &name,
+                    &d,
+                )
+                .await;
                 let b = json!({"apiVersion": "cloudsql.dev/v1alpha1", "kind": "CloudSqlBinding",
                     "metadata": {"name": format!("b{i:03}")},
                     "spec": {"instanceRef": {"name": inst}, "workloads": by_name(&name),
@@ -1308,7 +1354,9 @@ async fn changes_while_the_operator_is_down_converge_and_nothing_is_stranded() {
     let (stay, moving) = (format!("{ns}-stay"), format!("{ns}-moving"));
     world.apply_instance(&stay, 200).await;
     world.apply_instance(&moving, 200).await;
-    world.apply_deployment(&ns, "w-del", json!({}), "mine").await;
+    world
+        .apply_deployment(&ns, "w-del", json!({}), "mine")
+        .await;
     world
         .apply_binding(&ns, "b-del", &stay, by_name("w-del"), 5)
         .await;
@@ -1327,11 +1375,15 @@ async fn changes_while_the_operator_is_down_converge_and_nothing_is_stranded() {
             5,
         )
         .await;
-    world.apply_deployment(&ns, "w-inst", json!({}), "mine").await;
+    world
+        .apply_deployment(&ns, "w-inst", json!({}), "mine")
+        .await;
     world
         .apply_binding(&ns, "b-inst", &moving, by_name("w-inst"), 5)
         .await;
-    world.apply_deployment(&doomed, "w-ns", json!({}), "mine").await;
+    world
+        .apply_deployment(&doomed, "w-ns", json!({}), "mine")
+        .await;
     world
         .apply_binding(&doomed, "b-ns", &stay, by_name("w-ns"), 5)
         .await;
@@ -1354,15 +1406,11 @@ async fn changes_while_the_operator_is_down_converge_and_nothing_is_stranded() {
         .await;
     world.delete_instance(&moving).await;
     let instances = world.dyn_api("CloudSqlInstance", None);
-    support::eventually(
-        Duration::from_secs(30),
-        "the instance to be gone",
-        || {
-            let instances = instances.clone();
-            let moving = moving.clone();
-            async move { instances.get_opt(&moving).await.is_ok_and(|i| i.is_none()) }
-        },
-    )
+    support::eventually(Duration::from_secs(30), "the instance to be gone", || {
+        let instances = instances.clone();
+        let moving = moving.clone();
+        async move { instances.get_opt(&moving).await.is_ok_and(|i| i.is_none()) }
+    })
     .await;
     world.apply_instance(&moving, 200).await;
     let _ = Api::<Namespace>::all(world.client.clone())
@@ -1381,7 +1429,9 @@ async fn changes_while_the_operator_is_down_converge_and_nothing_is_stranded() {
                         s.bindings
                             .iter()
                             .filter(|(k, _)| k.0 == doomed)
-                            .map(|(k, b)| format!("{} finalizers {}", k.1, b["metadata"]["finalizers"]))
+                            .map(|(k, b)| {
+                                format!("{} finalizers {}", k.1, b["metadata"]["finalizers"])
+                            })
                             .collect::<Vec<_>>()
                     });
                     panic!(
@@ -1572,7 +1622,10 @@ async fn two_installations_on_one_namespace_do_not_flap_and_report_each_other() 
         logs_of(&ops)
     );
     world.expect.skip_budget = true;
-    for k in [(ns.clone(), "b".to_string()), (other.clone(), "b".to_string())] {
+    for k in [
+        (ns.clone(), "b".to_string()),
+        (other.clone(), "b".to_string()),
+    ] {
         world
             .expect
             .also_allowed
@@ -1678,7 +1731,10 @@ async fn random() {
                 }
                 10..=39 => {
                     let b = rng.pick(&bindings).clone();
-                    if world.applied.bindings.contains_key(&(ns.clone(), b.clone()))
+                    if world
+                        .applied
+                        .bindings
+                        .contains_key(&(ns.clone(), b.clone()))
                         && rng.below(4) == 0
                     {
                         world.delete_binding(&ns, &b).await;
@@ -1700,7 +1756,10 @@ async fn random() {
                 }
                 40..=79 => {
                     let w = rng.pick(&workloads).clone();
-                    if world.applied.deployments.contains_key(&(ns.clone(), w.clone()))
+                    if world
+                        .applied
+                        .deployments
+                        .contains_key(&(ns.clone(), w.clone()))
                         && rng.below(5) == 0
                     {
                         world.delete_deployment(&ns, &w).await;
@@ -1711,7 +1770,9 @@ async fn random() {
                             _ => json!({}),
                         };
                         let setting = format!("v{}", rng.below(3));
-                        world.apply_deployment(&ns, &w, labels.clone(), &setting).await;
+                        world
+                            .apply_deployment(&ns, &w, labels.clone(), &setting)
+                            .await;
                         format!("apply workload {w} labels={labels} USER_SETTING={setting}")
                     }
                 }
@@ -1893,7 +1954,9 @@ async fn apiserver_and_etcd_restarts_in_the_middle_of_a_rollout_converge() {
     }
     world.apply_instance(&inst, 20).await;
     cluster.restart("etcd");
-    world.apply_deployment(&ns, "w0", json!({}), "changed").await;
+    world
+        .apply_deployment(&ns, "w0", json!({}), "changed")
+        .await;
     converge(
         &world,
         &ops,
