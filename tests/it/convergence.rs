@@ -177,6 +177,7 @@ impl OperatorProcess {
             .env("POD_NAME", &self.spec.identity)
             .env("NO_COLOR", "1")
             .env_remove("POD_NAMESPACE")
+            .env_remove("CLOUDSQL_BINDER_OPERATOR_ID")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("the log file"))
@@ -1206,10 +1207,36 @@ fn by_name(name: &str) -> Value {
 // ---------------------------------------------------------------------------
 // Scenarios.
 
+/// Prints how long a scenario ran, passed or failed (the suite's time budget).
+struct Timed(&'static str, std::time::Instant);
+
+impl Timed {
+    fn start(name: &'static str) -> Timed {
+        Timed(name, std::time::Instant::now())
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        let outcome = if std::thread::panicking() {
+            "failed"
+        } else {
+            "passed"
+        };
+        let _ = writeln!(
+            std::io::stderr(),
+            "convergence: scenario {} {outcome} after {:.1?}",
+            self.0,
+            self.1.elapsed()
+        );
+    }
+}
+
 /// a. Everything exists before the operator starts, created in every order of
 /// instance, binding, workload and HPA (24 permutations over 4 namespaces).
 #[tokio::test]
 async fn objects_created_before_the_operator_starts_in_every_order_converge() {
+    let _timed = Timed::start("a");
     let nss = namespaces("conv-a", 4).await;
     support::install_crds(&nss[0].client).await;
     let refs: Vec<&TestNamespace> = nss.iter().collect();
@@ -1268,6 +1295,7 @@ fn permutations(items: &mut [usize], k: usize, out: &mut Vec<Vec<usize>>) {
 /// runs; it is SIGKILLed half way and started again.
 #[tokio::test]
 async fn kill_9_in_the_middle_of_200_bindings_converges_after_restart() {
+    let _timed = Timed::start("b");
     use futures::StreamExt;
     const N: usize = 200;
     let nss = namespaces("conv-b", 1).await;
@@ -1347,6 +1375,7 @@ async fn kill_9_in_the_middle_of_200_bindings_converges_after_restart() {
 /// of a selector, an instance deleted and created again, a namespace deleted.
 #[tokio::test]
 async fn changes_while_the_operator_is_down_converge_and_nothing_is_stranded() {
+    let _timed = Timed::start("c");
     let nss = namespaces("conv-c", 2).await;
     support::install_crds(&nss[0].client).await;
     let (ns, doomed) = (nss[0].name.clone(), nss[1].name.clone());
@@ -1460,6 +1489,7 @@ async fn changes_while_the_operator_is_down_converge_and_nothing_is_stranded() {
 /// d. Two replicas on one Lease; the leader is SIGKILLed while bindings change.
 #[tokio::test]
 async fn leader_failover_while_bindings_change_converges() {
+    let _timed = Timed::start("d");
     let nss = namespaces("conv-d", 1).await;
     let lease_ns = TestNamespace::new("conv-d-lease", &[]).await;
     support::install_crds(&nss[0].client).await;
@@ -1553,6 +1583,7 @@ async fn leader_failover_while_bindings_change_converges() {
 /// 30 s have passed.
 #[tokio::test]
 async fn two_installations_on_one_namespace_do_not_flap_and_report_each_other() {
+    let _timed = Timed::start("e");
     let nss = namespaces("conv-e", 2).await;
     let lease_ns = TestNamespace::new("conv-e-lease", &[]).await;
     support::install_crds(&nss[0].client).await;
@@ -1691,6 +1722,7 @@ fn seed() -> u64 {
 /// `Conflict`, not convergence). Capacity always fits the minimums.
 #[tokio::test]
 async fn random() {
+    let _timed = Timed::start("g");
     const ROUNDS: usize = 8;
     const STEPS: usize = 25;
     let seed = seed();
@@ -1899,6 +1931,7 @@ impl Drop for PrivateCluster {
 
 #[tokio::test]
 async fn apiserver_and_etcd_restarts_in_the_middle_of_a_rollout_converge() {
+    let _timed = Timed::start("f");
     let cluster = PrivateCluster::up();
     // support::client() installs it; this test may be the first to need one.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
