@@ -324,7 +324,7 @@ impl World {
     async fn apply_instance(&mut self, name: &str, max_connections: i64) {
         let obj = json!({"apiVersion": "cloudsql.dev/v1alpha1", "kind": "CloudSqlInstance",
             "metadata": {"name": name},
-            "spec": {"connectionName": format!("proj:us-central1:{name}"),
+            "spec": {"connectionName": format!("my-project:us-central1:{name}"),
                      "databaseVersion": "POSTGRES_16", "discovery": "None",
                      "capacity": {"maxConnections": max_connections, "reservedConnections": 0}}});
         retry_apply(&self.dyn_api("CloudSqlInstance", None), name, &obj).await;
@@ -449,6 +449,10 @@ where
             .await
         {
             Ok(_) => return,
+            // A rejection is final; only what a restart or a race causes is retried.
+            Err(kube::Error::Api(e)) if e.code < 500 && ![409, 429].contains(&e.code) => {
+                panic!("applying {name} as the user was rejected: {e}")
+            }
             Err(err) => last = err.to_string(),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -655,13 +659,15 @@ fn user_fields(d: &Value, user: &Value, problems: &mut Vec<String>, what: &str) 
         .as_str()
         .and_then(|s| serde_json::from_str(s).ok())
         .unwrap_or(Value::Null);
-    if d["metadata"]["labels"] != user["metadata"]["labels"] {
+    // An empty map and no map are the same to the API server.
+    let map = |v: &Value| if v.is_null() { json!({}) } else { v.clone() };
+    if map(&d["metadata"]["labels"]) != map(&user["metadata"]["labels"]) {
         problems.push(format!(
             "{what}: labels {} differ from the user's {}",
             d["metadata"]["labels"], user["metadata"]["labels"]
         ));
     }
-    if live_t["metadata"]["labels"] != user_t["metadata"]["labels"] {
+    if map(&live_t["metadata"]["labels"]) != map(&user_t["metadata"]["labels"]) {
         problems.push(format!("{what}: template labels differ from the user's"));
     }
     let live_ann: BTreeMap<String, Value> = live_t["metadata"]["annotations"]
