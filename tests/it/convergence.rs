@@ -1101,6 +1101,20 @@ async fn converge(world: &World, ops: &Operators, timeout: Duration, idle: Durat
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let converged_in = started.elapsed();
+    // The invariant can hold a moment before the operator's burst ends (its
+    // last Events): the idle window starts once its write counters have been
+    // still for 2 s (at most 30 s; a writer that never stops fails the window).
+    let settle = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut still_since = tokio::time::Instant::now();
+    let mut last_writes = writes_of(ops).await;
+    while tokio::time::Instant::now() < settle && still_since.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let writes = writes_of(ops).await;
+        if writes != last_writes {
+            still_since = tokio::time::Instant::now();
+            last_writes = writes;
+        }
+    }
     assert_idle(world, ops, idle, when).await;
     let s = snapshot(world)
         .await
