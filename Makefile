@@ -1,15 +1,25 @@
 # cloudsql-binder — everything a newcomer needs: `make demo` and `make test`.
 SHELL := /bin/bash
 CARGO ?= cargo
-export KUBECONFIG := $(CURDIR)/.cluster/kubeconfig
+# Two local control planes, never shared: `make demo` / `make cluster-up` use
+# .cluster/ (or CLOUDSQL_BINDER_CLUSTER_DIR), the tests use .cluster-test/ (or
+# CLOUDSQL_BINDER_TEST_CLUSTER_DIR), so an operator left running by the demo
+# never fights the operators the tests start.
+CLOUDSQL_BINDER_CLUSTER_DIR ?= $(CURDIR)/.cluster
+CLOUDSQL_BINDER_TEST_CLUSTER_DIR ?= $(CURDIR)/.cluster-test
+export CLOUDSQL_BINDER_CLUSTER_DIR
+# Recursive (=): follows the target-specific cluster directory below.
+export KUBECONFIG = $(CLOUDSQL_BINDER_CLUSTER_DIR)/kubeconfig
 
-.PHONY: build test lint unit integration e2e crds cluster-up cluster-down demo demo-down chart-lint bench clean controlplane
+.PHONY: build test lint e2e crds cluster-up cluster-down test-cluster-down demo demo-down chart-lint bench clean controlplane
 
 build:
 	$(CARGO) build --release --bin cloudsql-binder
 
 ## The test command (README and .ci/run): formatting, lints, the chart checks,
-## unit and integration tests (against the local control plane), the data path.
+## unit and integration tests (against the tests' own control plane in
+## .cluster-test/, started by the tests when it is not up), the data path.
+test e2e chart-lint test-cluster-down: CLOUDSQL_BINDER_CLUSTER_DIR = $(CLOUDSQL_BINDER_TEST_CLUSTER_DIR)
 test: lint
 	$(MAKE) chart-lint
 	$(CARGO) test --workspace --all-targets -- --test-threads=4
@@ -33,6 +43,10 @@ cluster-up:
 	@bash tools/cluster-up.sh
 
 cluster-down:
+	@bash tools/cluster-down.sh
+
+## Stops the tests' control plane (.cluster-test/) and removes its state.
+test-cluster-down:
 	@bash tools/cluster-down.sh
 
 ## The data path: app -> Unix socket -> real Cloud SQL Auth Proxy -> TLS -> PostgreSQL.
@@ -62,5 +76,5 @@ bench:
 chart-lint:
 	@bash charts/lint.sh
 
-clean: cluster-down
+clean: cluster-down test-cluster-down
 	$(CARGO) clean

@@ -1,6 +1,6 @@
 //! A private control plane for one measurement: started with
-//! tools/cluster-up.sh in the bench's own directory (never the shared
-//! `.cluster/` of the tests and the demo), stopped with tools/cluster-down.sh.
+//! tools/cluster-up.sh in the bench's own directory (never the demo's
+//! `.cluster/` nor the tests' `.cluster-test/`), stopped with tools/cluster-down.sh.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

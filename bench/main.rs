@@ -96,7 +96,7 @@ struct Args {
     #[arg(long)]
     binary: Option<PathBuf>,
     /// The bench's working directory: its own control plane (`<dir>/cluster`,
-    /// never the shared .cluster/) and the operators' logs (`<dir>/logs`).
+    /// never .cluster/ or .cluster-test/) and the operators' logs (`<dir>/logs`).
     /// Default: bench/work in the repository (git-ignored).
     #[arg(long, env = "CLOUDSQL_BINDER_BENCH_DIR")]
     work_dir: Option<PathBuf>,
@@ -431,8 +431,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| repo.join("bench/work"));
     let cluster_dir = work.join("cluster");
-    if cluster_dir.starts_with(repo.join(".cluster")) || cluster_dir == repo.join(".cluster") {
-        bail!("the bench never uses the shared .cluster/; pick another --work-dir");
+    for shared in [".cluster", ".cluster-test"] {
+        if cluster_dir.starts_with(repo.join(shared)) {
+            bail!(
+                "the bench never uses the demo's .cluster/ or the tests' .cluster-test/; pick another --work-dir"
+            );
+        }
     }
     let logs = work.join("logs");
     std::fs::create_dir_all(&logs)?;

@@ -11,7 +11,7 @@ stop() { # component
   local pidfile="$state/$1.pid" pid
   [[ -f "$pidfile" ]] || return 0
   pid="$(cat "$pidfile")"
-  if [[ "$pid" =~ ^[0-9]+$ && -r "/proc/$pid/cmdline" ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$state"; then
+  if [[ "$pid" =~ ^[0-9]+$ && -r "/proc/$pid/cmdline" ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$state/"; then
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 50); do
       [[ -e "/proc/$pid" ]] || break

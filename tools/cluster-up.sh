@@ -22,13 +22,14 @@ flock 9
 
 # A pid file counts only when its process is alive and runs our binary, so a
 # stale file (crashed run, reused pid) never makes us touch another process.
+# "$state/" with its slash: .cluster must not claim a process of .cluster-test.
 ours() { # component -> 0 when its recorded process is alive and ours
   local pidfile="$state/$1.pid" pid
   [[ -f "$pidfile" ]] || return 1
   pid="$(cat "$pidfile")"
   [[ "$pid" =~ ^[0-9]+$ ]] || return 1
   [[ -r "/proc/$pid/cmdline" ]] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$state" || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$state/" || return 1
 }
 
 healthy() {
@@ -93,6 +94,8 @@ start() { # component args...
   # 9>&-: the lock fd must not be inherited, or the next run waits forever.
   setsid "$bin/$c" "$@" >"$logs/$c.log" 2>&1 </dev/null 9>&- &
   echo $! >"$state/$c.pid"
+  # The exact command, for tools/cluster-restart.sh (one argument per line).
+  printf '%s\n' "$bin/$c" "$@" >"$state/$c.cmd"
 }
 
 wait_for() { # description seconds command...

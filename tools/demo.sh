@@ -78,7 +78,7 @@ cluster_running() {
   for c in etcd kube-apiserver kube-controller-manager; do
     pid="$(cat "$state/$c.pid" 2>/dev/null)" || return 1
     [[ "$pid" =~ ^[0-9]+$ && -r "/proc/$pid/cmdline" ]] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$state" || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$state/" || return 1
   done
   KUBECONFIG="$state/kubeconfig" kubectl get --raw /readyz >/dev/null 2>&1
 }

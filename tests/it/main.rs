@@ -9,6 +9,7 @@ mod api;
 mod budget;
 mod chart;
 mod controller;
+mod convergence;
 mod fixture_sqladmin;
 mod foundation;
 mod gcp;

@@ -25,6 +25,18 @@ fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
+/// The directory of the tests' control plane: `CLOUDSQL_BINDER_CLUSTER_DIR`
+/// (`make test` sets it to `.cluster-test/`), else `.cluster-test/` in the
+/// repository. Never `.cluster/` by default: that is the demo's cluster, where
+/// `make demo` leaves a cluster-wide operator running that would fight the
+/// tests' operators.
+pub fn cluster_dir() -> PathBuf {
+    std::env::var_os("CLOUDSQL_BINDER_CLUSTER_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cluster-test"))
+}
+
 /// Makes sure the control plane is up (starting it when it is not) and returns
 /// the path of its admin kubeconfig. Panics with the script's reason when it
 /// cannot: a test without a control plane fails, it never skips.
@@ -36,19 +48,19 @@ pub fn kubeconfig_path() -> PathBuf {
         return path.clone();
     }
     let root = repo_root();
+    let dir = cluster_dir();
     let output = Command::new("bash")
         .arg(root.join("tools/cluster-up.sh"))
+        .env("CLOUDSQL_BINDER_CLUSTER_DIR", &dir)
         .output()
         .expect("running tools/cluster-up.sh");
     assert!(
         output.status.success(),
-        "the control plane could not be started by tools/cluster-up.sh:\n{}",
+        "the control plane could not be started by tools/cluster-up.sh in {}:\n{}",
+        dir.display(),
         String::from_utf8_lossy(&output.stderr)
     );
-    let path = std::env::var_os("CLOUDSQL_BINDER_CLUSTER_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".cluster"))
-        .join("kubeconfig");
+    let path = dir.join("kubeconfig");
     assert!(path.exists(), "{} was not written", path.display());
     *guard = Some(path.clone());
     path
