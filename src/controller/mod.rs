@@ -30,6 +30,7 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::Api;
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::predicates;
@@ -257,16 +258,93 @@ where
         + Sync
         + 'static,
 {
+    reflect_events(
+        watcher(api, watcher::Config::default().any_semantic()),
+        generation,
+    )
+}
+
+/// [`reflect`] for our own kinds, whose objects a user writes: one object
+/// that does not deserialize (stored under an older schema, say) is logged
+/// and left out instead of failing every list and stalling the watch.
+fn reflect_guarded<K>(
+    client: Client,
+    generation: Arc<AtomicU64>,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send,
+)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + Send
+        + Sync
+        + 'static,
+{
+    let api = Api::<DeserializeGuard<K>>::all(client);
+    reflect_events(
+        watcher(api, watcher::Config::default().any_semantic())
+            .filter_map(|event| futures::future::ready(unguard(event))),
+        generation,
+    )
+}
+
+/// The event with its valid objects; an object that failed to deserialize
+/// is logged (one line, with its name and why) and dropped.
+fn unguard<K: Resource<DynamicType = ()>>(
+    event: Result<watcher::Event<DeserializeGuard<K>>, watcher::Error>,
+) -> Option<Result<watcher::Event<K>, watcher::Error>> {
+    let valid = |guard: DeserializeGuard<K>| match guard.0 {
+        Ok(obj) => Some(obj),
+        Err(invalid) => {
+            warn!(
+                kind = %K::kind(&()),
+                namespace = invalid.metadata.namespace.as_deref().unwrap_or_default(),
+                name = invalid.metadata.name.as_deref().unwrap_or_default(),
+                error = %invalid,
+                "an object does not match this operator's schema and is ignored"
+            );
+            None
+        }
+    };
+    Some(match event {
+        Err(err) => Err(err),
+        Ok(watcher::Event::Init) => Ok(watcher::Event::Init),
+        Ok(watcher::Event::InitDone) => Ok(watcher::Event::InitDone),
+        Ok(watcher::Event::InitApply(g)) => Ok(watcher::Event::InitApply(valid(g)?)),
+        Ok(watcher::Event::Apply(g)) => Ok(watcher::Event::Apply(valid(g)?)),
+        Ok(watcher::Event::Delete(g)) => Ok(watcher::Event::Delete(valid(g)?)),
+    })
+}
+
+/// The reflector over a stream of watch events (see [`reflect`]).
+fn reflect_events<K>(
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+    generation: Arc<AtomicU64>,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send,
+)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + Send
+        + Sync
+        + 'static,
+{
     let (reader, writer) = reflector::store();
     // This stream's own mark: set before the reflector applies an event, taken
     // after it did (events pass one at a time).
     let pending = Arc::new(AtomicBool::new(false));
     let stream = reflector(
         writer,
-        budget_relevance(
-            watcher(api, watcher::Config::default().any_semantic()).modify(trim),
-            pending.clone(),
-        ),
+        budget_relevance(events.modify(trim), pending.clone()),
     )
     // After the event reached the store (see `world::BudgetCache`).
     .inspect(move |_| {
@@ -552,14 +630,10 @@ impl Cluster {
             Api::<HorizontalPodAutoscaler>::all(client.clone()),
             generation.clone(),
         );
-        let (bindings, binding_stream) = reflect(
-            Api::<CloudSqlBinding>::all(client.clone()),
-            generation.clone(),
-        );
-        let (instances, instance_stream) = reflect(
-            Api::<CloudSqlInstance>::all(client.clone()),
-            generation.clone(),
-        );
+        let (bindings, binding_stream) =
+            reflect_guarded::<CloudSqlBinding>(client.clone(), generation.clone());
+        let (instances, instance_stream) =
+            reflect_guarded::<CloudSqlInstance>(client.clone(), generation.clone());
 
         let stores_cell: Arc<RwLock<Option<Stores>>> = Arc::default();
         let ns_tx = binding_tx.clone();
@@ -686,7 +760,17 @@ impl Cluster {
                     }
                 }
             })
-            .predicate_filter(beyond_status(), PredicateConfig::default()),
+            // And when another installation writes its identity into the
+            // status (see `operators`): that is how two installations find
+            // each other promptly.
+            .predicate_filter(
+                beyond_status().combine(|b: &CloudSqlBinding| {
+                    Some(fingerprint(
+                        b.status.as_ref().and_then(|s| s.reconciled_by.as_deref()),
+                    ))
+                }),
+                PredicateConfig::default(),
+            ),
             {
                 let tx = binding_tx.clone();
                 move |b: &CloudSqlBinding| {
@@ -716,11 +800,11 @@ impl Cluster {
             )
             .predicate_filter(
                 beyond_status().combine(|i: &CloudSqlInstance| {
-                    Some(fingerprint(
-                        i.status
-                            .as_ref()
-                            .and_then(|s| s.database_version.as_deref()),
-                    ))
+                    let status = i.status.as_ref();
+                    Some(fingerprint((
+                        status.and_then(|s| s.database_version.as_deref()),
+                        status.and_then(|s| s.reconciled_by.as_deref()),
+                    )))
                 }),
                 PredicateConfig::default(),
             ),
@@ -1256,5 +1340,30 @@ mod tests {
             "the status write and the deletion must not pass the filter"
         );
         assert_eq!(*deleted.lock().expect("lock"), [u("u1")]);
+    }
+
+    #[test]
+    fn an_object_that_does_not_deserialize_is_left_out_and_the_watch_goes_on() {
+        let good: CloudSqlInstance = serde_json::from_value(serde_json::json!({
+            "apiVersion": "cloudsql.dev/v1alpha1", "kind": "CloudSqlInstance",
+            "metadata": {"name": "orders"},
+            "spec": {"connectionName": "p:r:orders"}
+        }))
+        .expect("an instance");
+        let bad: DeserializeGuard<CloudSqlInstance> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "cloudsql.dev/v1alpha1", "kind": "CloudSqlInstance",
+            "metadata": {"name": "broken"},
+            "spec": {"connectionName": 42}
+        }))
+        .expect("a guard always deserializes");
+        assert!(bad.0.is_err());
+        let event = |g| Ok(watcher::Event::InitApply(g));
+        assert!(unguard(event(bad)).is_none());
+        let kept = unguard(event(DeserializeGuard(Ok(good.clone()))));
+        assert!(matches!(kept, Some(Ok(watcher::Event::InitApply(i))) if i == good));
+        assert!(matches!(
+            unguard::<CloudSqlInstance>(Ok(watcher::Event::InitDone)),
+            Some(Ok(watcher::Event::InitDone))
+        ));
     }
 }
