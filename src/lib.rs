@@ -16,6 +16,7 @@ pub mod render;
 /// feature), which matches the control plane the tests run on.
 pub const KUBERNETES_API_VERSION: &str = "1.34";
 pub mod controller;
+pub mod index;
 pub mod leader;
 pub mod telemetry;
 pub mod webhook;

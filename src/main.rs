@@ -307,7 +307,11 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     // Every replica keeps the caches and is ready once they synced; only the
     // leader runs the controllers.
     let cluster = tokio::select! {
-        cluster = controller::Cluster::start(client.clone(), &options) => cluster,
+        cluster = cloudsql_binder::index::Cluster::start(
+            client.clone(),
+            options.native_sidecars,
+            options.discovery.clone(),
+        ) => cluster,
         _ = shutdown.clone() => return Ok(()),
     };
     readiness.set_ready();
@@ -395,7 +399,7 @@ fn default_operator_id(args: &RunArgs) -> String {
 /// its certificate manager (one writer of the Secret and the caBundle).
 async fn lead(
     client: kube::Client,
-    cluster: std::sync::Arc<cloudsql_binder::controller::Cluster>,
+    cluster: std::sync::Arc<cloudsql_binder::index::Cluster>,
     options: cloudsql_binder::controller::Options,
     metrics: std::sync::Arc<cloudsql_binder::telemetry::Metrics>,
     webhook: Option<cloudsql_binder::webhook::WebhookOptions>,
@@ -404,11 +408,12 @@ async fn lead(
     use futures::FutureExt;
     let stop = stop.shared();
     let certificates = {
-        let (client, stop) = (client.clone(), stop.clone());
+        let (client, stop, admission) = (client.clone(), stop.clone(), cluster.admission.clone());
         async move {
             let Some(webhook) = webhook else { return };
             if let Err(err) =
-                cloudsql_binder::webhook::run_certificate_manager(client, webhook, stop).await
+                cloudsql_binder::webhook::run_certificate_manager(client, webhook, &admission, stop)
+                    .await
             {
                 tracing::error!(error = %err, "the webhook certificate manager failed");
             }

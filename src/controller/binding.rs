@@ -23,13 +23,13 @@ use super::binding_status::{BindingView, Budget, Note, Pool, Resolution, binding
 use super::missed::MissedReport;
 use super::operators::{HOLD_OFF, Stance, conflict_message};
 use super::subset;
-use super::world::{ADMISSION_HASH_ANNOTATION, Eligibility, Outcome, WorkloadId, binding_key};
 use super::{Context, Error};
 use crate::api::{
     BoundInstance, CloudSqlBinding, CloudSqlBindingStatus, FIELD_MANAGER, Reason, WorkloadKind,
     WorkloadStatus, conditions_equivalent,
 };
 use crate::budget::CapacityResolution;
+use crate::index::{ADMISSION_HASH_ANNOTATION, Eligibility, Outcome, WorkloadId, binding_key};
 use crate::plan::INJECTED_ANNOTATION;
 
 /// The finalizer versions before 0.2 put on every binding. This version adds
@@ -51,7 +51,7 @@ pub async fn reconcile(binding: Arc<CloudSqlBinding>, ctx: Arc<Context>) -> Resu
         return Ok(Action::await_change());
     }
     // Eligibility and grants read the instances: wait for their cache.
-    super::store_ready(&ctx.stores.instances).await;
+    crate::index::store_ready(&ctx.stores.instances).await;
     let _timer = ctx.metrics.reconcile_timer("binding");
     if binding.finalizers().iter().any(|f| f == LEGACY_FINALIZER) {
         // Added by versions before 0.2; this version needs none (removal is
@@ -187,7 +187,7 @@ pub(super) async fn sync_workload(
         name: id.name.clone(),
         ..Default::default()
     };
-    let admission = crate::webhook::serves_namespace(&id.namespace);
+    let admission = ctx.admission.serves(&id.namespace);
     if !id.kind.has_mutable_template() {
         if admission {
             status.injected = true;
@@ -648,7 +648,10 @@ fn selected_entries(results: Vec<WorkloadResult>, ctx: &Context) -> Vec<Workload
 /// Pods that came without their injection (the webhook was not called),
 /// reported and, when the binding asks for it, rolled.
 async fn missed_injections(binding: &CloudSqlBinding, ctx: &Context) -> Option<MissedReport> {
-    if !crate::webhook::serves_namespace(&binding.namespace().unwrap_or_default()) {
+    if !ctx
+        .admission
+        .serves(&binding.namespace().unwrap_or_default())
+    {
         return None;
     }
     let missed = super::missed::missed_pods(&ctx.stores, binding);

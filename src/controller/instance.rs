@@ -15,13 +15,13 @@ use serde_json::json;
 use tracing::{instrument, warn};
 
 use super::operators::{HOLD_OFF, Stance, conflict_message};
-use super::world::{Eligibility, binding_key};
 use super::{Context, Error};
 use crate::api::{
     CapacityStatus, CloudSqlInstance, CloudSqlInstanceStatus, Conditions, Discovery, FIELD_MANAGER,
     Reason, condition, condition_type, conditions_equivalent, find_condition,
 };
 use crate::budget::CapacityResolution;
+use crate::index::{Eligibility, binding_key};
 use crate::telemetry::InstanceLabel;
 
 #[instrument(skip_all, fields(instance = %instance.name_any()))]
@@ -30,7 +30,7 @@ pub async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     // The budget counts bindings: never compute it from a half-filled cache.
-    super::store_ready(&ctx.stores.bindings).await;
+    crate::index::store_ready(&ctx.stores.bindings).await;
     let name = instance.name_any();
     // An operator limited to some namespaces manages only the instances its
     // namespaces bind to (another operator manages the rest).
@@ -308,9 +308,9 @@ pub(super) struct InstanceView<'a> {
     /// Bindings that name the instance.
     pub bindings: usize,
     /// The resolved capacity.
-    pub capacity: &'a super::world::CapacityResolutionOrError,
+    pub capacity: &'a crate::index::CapacityResolutionOrError,
     /// The budget over its bindings.
-    pub budget: &'a super::world::Budget,
+    pub budget: &'a crate::index::Budget,
     /// Conditions computed before (OperatorConflict, Discovered), first.
     pub leading: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
 }
@@ -439,8 +439,8 @@ mod tests {
     use super::*;
     use crate::budget::{Capacity, CapacitySource};
 
-    fn budget(allocation: Option<crate::budget::Allocation>) -> super::super::world::Budget {
-        super::super::world::Budget {
+    fn budget(allocation: Option<crate::budget::Allocation>) -> crate::index::Budget {
+        crate::index::Budget {
             requests: Vec::new(),
             max_pods: Default::default(),
             allocation,
@@ -464,7 +464,7 @@ mod tests {
         }
     }
 
-    fn known() -> super::super::world::CapacityResolutionOrError {
+    fn known() -> crate::index::CapacityResolutionOrError {
         Ok(CapacityResolution::Known(Capacity {
             max_connections: 400,
             source: CapacitySource::Spec,
@@ -542,7 +542,7 @@ mod tests {
     #[test]
     fn an_invalid_capacity_is_not_ready() {
         let previous = CloudSqlInstanceStatus::default();
-        let capacity: super::super::world::CapacityResolutionOrError =
+        let capacity: crate::index::CapacityResolutionOrError =
             Err("spec.capacity.reservedConnections exceeds maxConnections".into());
         let budget = budget(None);
         let view = InstanceView {

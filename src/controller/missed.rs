@@ -19,12 +19,10 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::Context;
-use super::world::{PodOwner, Stores};
 use crate::api::{CloudSqlBinding, FIELD_MANAGER, WorkloadKind};
-use crate::plan::{CONFIG_HASH_ANNOTATION, INJECTED_ANNOTATION};
+use crate::index::{PodOwner, Stores};
+use crate::plan::{ADMITTED_ANNOTATION, CONFIG_HASH_ANNOTATION, INJECTED_ANNOTATION, opted_out};
 use crate::telemetry::KubeError;
-use crate::webhook::ADMITTED_ANNOTATION;
-use crate::webhook::opted_out;
 
 /// Pod annotation marking the bindings whose missed injection was reported
 /// (an Event is sent once per pod and binding).

@@ -74,3 +74,18 @@ pub const CLOUD_RUN_INSTANCES_ANNOTATION: &str = "run.googleapis.com/cloudsql-in
 /// Pod-template annotation recording what the operator injected (compact JSON),
 /// so that removing and re-applying touch nothing else.
 pub const INJECTED_ANNOTATION: &str = "cloudsql.dev/injected";
+
+/// Pod label opting a pod out of injection (`"false"`); the webhook
+/// configuration's object selector keeps such pods from even reaching us.
+pub const INJECT_LABEL: &str = "cloudsql.dev/inject";
+/// Pod annotation the webhook writes: the bindings (names, in the pod's
+/// namespace) whose admission it handled, injected or refused. A bound pod
+/// without it was created while the webhook was unreachable.
+pub const ADMITTED_ANNOTATION: &str = "cloudsql.dev/admitted";
+
+/// Whether the pod opted out of injection (`cloudsql.dev/inject: "false"`).
+pub fn opted_out(labels: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+    labels
+        .and_then(|l| l.get(INJECT_LABEL))
+        .is_some_and(|v| v == "false")
+}

@@ -13,7 +13,7 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::review::{AdmissionContext, with_warnings};
 use crate::api::{CloudSqlBinding, WorkloadKind};
-use crate::controller::world::{Desire, Outcome, Stores, WorkloadId, binding_key};
+use crate::index::{Desire, Outcome, Stores, WorkloadId, binding_key};
 use crate::plan::{ConflictKind, Grant, InjectionPlan, PlanError};
 use crate::workload::Workload;
 

@@ -390,13 +390,17 @@ fn next_material(
 pub async fn run_certificate_manager(
     client: Client,
     options: WebhookOptions,
+    admission: &crate::index::AdmissionScope,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     let names = options.endpoint.subject_alt_names()?;
     // While the configurations are ours to keep, pods of these namespaces
     // are expected to pass the webhook: the controller reports those that
     // did not.
-    let _configured = super::ServingGuard::register(&options);
+    let _configured = admission.register({
+        let options = options.clone();
+        move |ns| options.intercepts(ns)
+    });
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let wait = match ensure(&client, &options, &names).await {

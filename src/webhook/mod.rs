@@ -43,16 +43,13 @@ mod server;
 mod tests;
 mod tls;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::error::Cause;
 
 pub use certificates::{CertificateTimes, run_certificate_manager};
 pub use configuration::{mutating_configuration, validating_configuration};
-pub(crate) use pods::opted_out;
 pub use review::{AdmissionContext, Route, review};
 pub use server::{serve, serve_on};
 
@@ -70,13 +67,7 @@ pub const DEFAULT_CONFIGURATION_NAME: &str = "cloudsql-binder";
 /// Default validity of the serving certificate (renewed at 2/3 of it).
 pub const DEFAULT_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 
-/// Pod label opting a pod out of injection (`"false"`); the webhook
-/// configuration's object selector keeps such pods from even reaching us.
-pub const INJECT_LABEL: &str = "cloudsql.dev/inject";
-/// Pod annotation the webhook writes: the bindings (names, in the pod's
-/// namespace) whose admission it handled, injected or refused. A bound pod
-/// without it was created while the webhook was unreachable.
-pub const ADMITTED_ANNOTATION: &str = "cloudsql.dev/admitted";
+pub use crate::plan::{ADMITTED_ANNOTATION, INJECT_LABEL};
 
 /// The largest AdmissionReview body accepted (HTTP 400 beyond). Objects are
 /// at most 1.5 MiB in etcd; a review of an update holds two of them.
@@ -224,44 +215,6 @@ impl WebhookOptions {
         !ALWAYS_EXCLUDED_NAMESPACES.contains(&ns)
             && !self.excluded_namespaces.iter().any(|n| n == ns)
             && (self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == ns))
-    }
-}
-
-/// The namespaces whose pods the webhook configurations managed by this
-/// process send to the webhook (one entry per running
-/// [`run_certificate_manager`], the leader's job like the controllers). The
-/// binding controller reads it through [`serves_namespace`] to tell "injected
-/// at admission" from "needs the webhook", and to look for missed injections.
-static SERVING: Mutex<BTreeMap<u64, WebhookOptions>> = Mutex::new(BTreeMap::new());
-
-/// Whether the admission webhook managed by this process intercepts pods of
-/// namespace `ns` (its configurations are kept by this process).
-pub fn serves_namespace(ns: &str) -> bool {
-    SERVING
-        .lock()
-        .map(|s| s.values().any(|o| o.intercepts(ns)))
-        .unwrap_or(false)
-}
-
-/// Registers a running certificate manager in [`SERVING`] until dropped.
-struct ServingGuard(u64);
-
-impl ServingGuard {
-    fn register(options: &WebhookOptions) -> ServingGuard {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Ok(mut serving) = SERVING.lock() {
-            serving.insert(id, options.clone());
-        }
-        ServingGuard(id)
-    }
-}
-
-impl Drop for ServingGuard {
-    fn drop(&mut self) {
-        if let Ok(mut serving) = SERVING.lock() {
-            serving.remove(&self.0);
-        }
     }
 }
 

@@ -9,17 +9,10 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
 use tracing::{debug, warn};
 
 use super::review::{AdmissionContext, with_warnings};
-use super::{ADMITTED_ANNOTATION, INJECT_LABEL};
 use crate::api::WorkloadKind;
-use crate::controller::world::{Outcome, Stores};
+use crate::index::{Outcome, Stores};
+use crate::plan::{ADMITTED_ANNOTATION, opted_out};
 use crate::plan::{CONFIG_HASH_ANNOTATION, INJECTED_ANNOTATION};
-
-/// Whether the pod opted out of injection (`cloudsql.dev/inject: "false"`).
-pub(crate) fn opted_out(labels: Option<&std::collections::BTreeMap<String, String>>) -> bool {
-    labels
-        .and_then(|l| l.get(INJECT_LABEL))
-        .is_some_and(|v| v == "false")
-}
 
 /// The answer to a Pod CREATE: allowed always (a webhook that breaks pod
 /// creation is worse than a pod without the proxy, which is reported), with
@@ -91,11 +84,7 @@ pub(crate) fn mutate(request: &AdmissionRequest<Pod>, ctx: &AdmissionContext) ->
     // what it created is the same on every pass.
     let handled: BTreeSet<&str> = routes
         .iter()
-        .filter(|(b, _, at)| {
-            *at && desire
-                .outcomes
-                .contains_key(&crate::controller::world::binding_key(b))
-        })
+        .filter(|(b, _, at)| *at && desire.outcomes.contains_key(&crate::index::binding_key(b)))
         .filter_map(|(b, _, _)| b.metadata.name.as_deref())
         .collect();
     let mut after = pod.clone();

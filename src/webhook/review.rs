@@ -11,8 +11,8 @@ use super::{
     MAX_REVIEW_BYTES, MUTATE_PODS_PATH, VALIDATE_BINDINGS_PATH, VALIDATE_SCALE_PATH, WebhookOptions,
 };
 use crate::api::CloudSqlBinding;
-use crate::controller::world::Stores;
 use crate::error::Cause;
+use crate::index::Stores;
 use crate::plan::TargetCapabilities;
 
 /// What the webhook reads to answer: the stores every replica keeps synced,

@@ -18,7 +18,7 @@ use super::review::{AdmissionContext, with_warnings};
 use crate::api::{CloudSqlBinding, CloudSqlInstance, WorkloadKind};
 use crate::budget::CapacityResolution;
 use crate::budget::max_pods as mp;
-use crate::controller::world::{Eligibility, Stores, WorkloadId};
+use crate::index::{Eligibility, Stores, WorkloadId};
 
 /// The change under review, as it bears on max pods.
 enum Change {

@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 use super::review::{AdmissionContext, ReviewError, Route, answer};
 use super::tls::{ReloadingResolver, certified_key, server_config};
 use super::{Error, MAX_REVIEW_BYTES, WebhookOptions};
-use crate::controller::Cluster;
+use crate::index::Cluster;
 use crate::telemetry::Metrics;
 
 /// How long a TLS handshake may take.

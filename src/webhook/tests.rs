@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::api::{CloudSqlBinding, CloudSqlInstance};
-use crate::controller::world::{Stores, TestWriters};
+use crate::index::{Stores, TestWriters};
 use crate::plan::TargetCapabilities;
 
 fn put<K>(writer: &mut Writer<K>, value: Value)

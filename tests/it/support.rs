@@ -349,7 +349,7 @@ pub struct AdmissionOperator {
     /// The metrics of its controllers and webhook.
     pub metrics: std::sync::Arc<cloudsql_binder::telemetry::Metrics>,
     client: Client,
-    cluster: std::sync::Arc<cloudsql_binder::controller::Cluster>,
+    cluster: std::sync::Arc<cloudsql_binder::index::Cluster>,
     tasks: Vec<(
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
@@ -372,8 +372,7 @@ impl AdmissionOperator {
             reporter_instance: Some("integration-test".into()),
             ..Default::default()
         };
-        let cluster =
-            cloudsql_binder::controller::Cluster::start(client.clone(), &controller_options).await;
+        let cluster = cloudsql_binder::index::Cluster::start(client.clone(), None, None).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding a free port for the webhook");
@@ -408,8 +407,9 @@ impl AdmissionOperator {
         ));
         operator.tasks.push((tx, handle));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let admission = cluster.admission.clone();
         let handle = tokio::spawn(async move {
-            webhook::run_certificate_manager(client, options, async move {
+            webhook::run_certificate_manager(client, options, &admission, async move {
                 let _ = rx.await;
             })
             .await
@@ -444,7 +444,7 @@ impl AdmissionOperator {
     }
 
     /// The stores the operator answers from.
-    pub fn stores(&self) -> cloudsql_binder::controller::world::Stores {
+    pub fn stores(&self) -> cloudsql_binder::index::Stores {
         self.cluster.stores.clone()
     }
 

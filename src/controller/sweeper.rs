@@ -6,38 +6,11 @@
 //! deletion and on the workload's own events, and brought back to what the
 //! remaining bindings want, which takes out exactly the fields we own.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::Context;
-use super::world::WorkloadId;
-
-/// Workloads waiting to be looked at.
-#[derive(Default)]
-pub struct Orphans {
-    pending: Mutex<BTreeSet<WorkloadId>>,
-    wake: Notify,
-}
-
-impl Orphans {
-    /// Asks for a look at `id` (deduplicated).
-    pub fn add(&self, id: WorkloadId) {
-        if let Ok(mut pending) = self.pending.lock() {
-            pending.insert(id);
-        }
-        self.wake.notify_one();
-    }
-
-    fn take(&self) -> Vec<WorkloadId> {
-        self.pending
-            .lock()
-            .map(|mut p| std::mem::take(&mut *p).into_iter().collect())
-            .unwrap_or_default()
-    }
-}
 
 /// Queues every workload that carries fields of ours but that no binding
 /// selects.
