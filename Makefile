@@ -52,7 +52,7 @@ test-cluster-down:
 ## The data path: app -> Unix socket -> real Cloud SQL Auth Proxy -> TLS -> PostgreSQL.
 e2e:
 	$(CARGO) build --bin cloudsql-binder
-	CLOUDSQL_BINDER_BIN=$(CURDIR)/target/debug/cloudsql-binder bash e2e/datapath/run.sh
+	CLOUDSQL_BINDER_BIN=$(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/debug/cloudsql-binder bash e2e/datapath/run.sh
 
 demo:
 	@bash tools/demo.sh

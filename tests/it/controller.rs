@@ -732,3 +732,170 @@ async fn owner_edits_keep_our_fields_a_restart_changes_nothing_and_idle_means_no
     );
     operator.stop().await;
 }
+
+/// Upgrading from a version that put the finalizer `cloudsql.dev/cleanup` on
+/// every binding: the finalizer is taken out of a live binding, and a binding
+/// already being deleted (its namespace, say) gets its injection removed and
+/// then goes, instead of being stranded.
+#[tokio::test]
+async fn the_finalizer_of_older_versions_is_taken_out_on_upgrade() {
+    let ns = TestNamespace::new("ctl-legacy-fin", &[]).await;
+    support::install_crds(&ns.client).await;
+    let instance = TestInstance::create(&ns, basic_instance_spec()).await;
+    let deployments = ns.api::<Deployment>();
+    apply_as_user(&deployments, "api", &deployment("api", json!({}), 1)).await;
+    let bindings: Api<DynamicObject> =
+        Api::namespaced_with(ns.client.clone(), &ns.name, &ar("CloudSqlBinding"));
+    for name in ["live", "leaving"] {
+        let spec = if name == "leaving" {
+            proxy_binding_spec(
+                &instance.name,
+                json!([{"kind": "Deployment", "name": "api"}]),
+            )
+        } else {
+            proxy_binding_spec(
+                &instance.name,
+                json!([{"kind": "Deployment", "name": "none"}]),
+            )
+        };
+        let obj = json!({"apiVersion": "cloudsql.dev/v1alpha1", "kind": "CloudSqlBinding",
+                         "metadata": {"name": name, "finalizers": ["cloudsql.dev/cleanup"]},
+                         "spec": spec});
+        // The field manager of the older versions.
+        bindings
+            .patch(
+                name,
+                &PatchParams::apply("cloudsql-binder").force(),
+                &Patch::Apply(&obj),
+            )
+            .await
+            .expect("a binding as an older version left it");
+    }
+    // The older version had injected `api` for "leaving": run once to inject, then stop.
+    let operator = Operator::start(&[&ns.name]).await;
+    eventually(
+        Duration::from_secs(30),
+        "the Deployment to be injected",
+        || {
+            let deployments = deployments.clone();
+            async move {
+                deployments
+                    .get("api")
+                    .await
+                    .is_ok_and(|d| has_proxy(&template_spec(&d)))
+            }
+        },
+    )
+    .await;
+    operator.stop().await;
+    // Put the finalizer back (the new version took it out) and delete "leaving"
+    // while no operator runs: it waits on the finalizer, as under an old version.
+    for name in ["live", "leaving"] {
+        let patch = json!({"metadata": {"finalizers": ["cloudsql.dev/cleanup"]}});
+        bindings
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("the finalizer back");
+    }
+    bindings
+        .delete("leaving", &DeleteParams::default())
+        .await
+        .expect("deleting the binding");
+    assert!(
+        binding(&ns, "leaving").await.is_some(),
+        "the finalizer holds it while no operator runs"
+    );
+
+    let operator = Operator::start(&[&ns.name]).await;
+    eventually(
+        Duration::from_secs(30),
+        "the binding being deleted to go, its injection removed",
+        || {
+            let (ns, deployments) = (&ns, deployments.clone());
+            async move {
+                binding(ns, "leaving").await.is_none()
+                    && deployments
+                        .get("api")
+                        .await
+                        .is_ok_and(|d| !has_proxy(&template_spec(&d)))
+            }
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "the live binding to lose the old finalizer",
+        || {
+            let ns = &ns;
+            async move {
+                binding(ns, "live").await.is_some_and(|b| {
+                    b["metadata"]["finalizers"]
+                        .as_array()
+                        .is_none_or(|f| f.is_empty())
+                })
+            }
+        },
+    )
+    .await;
+    // And the user's template is what the user wrote.
+    let d = deployments.get("api").await.expect("the Deployment");
+    assert_eq!(
+        env_value(&template_spec(&d), "app", "USER_SETTING").as_deref(),
+        Some("mine")
+    );
+    operator.stop().await;
+}
+
+/// The record annotation alone is not proof of ownership: a Deployment whose
+/// manifest was copied from an injected one (annotations and a container
+/// named like our proxy included), with no binding selecting it, is left
+/// exactly as its owner wrote it.
+#[tokio::test]
+async fn a_copied_injection_record_without_our_fields_is_left_alone() {
+    let ns = TestNamespace::new("ctl-copied", &[]).await;
+    support::install_crds(&ns.client).await;
+    let deployments = ns.api::<Deployment>();
+    let mut copied = deployment("copied", json!({}), 1);
+    copied["spec"]["template"]["metadata"]["annotations"] = json!({
+        "cloudsql.dev/injected": "{\"containers\":[\"cloud-sql-proxy\"],\"env\":{\"app\":[\"USER_SETTING\"]},\"volumes\":[\"data\"]}",
+        "cloudsql.dev/config-hash": "0123456789abcdef"
+    });
+    copied["spec"]["template"]["spec"]["containers"]
+        .as_array_mut()
+        .expect("containers")
+        .push(json!({"name": "cloud-sql-proxy", "image": "example.com/my-own-proxy:1"}));
+    apply_as_user(&deployments, "copied", &copied).await;
+    let before = deployments.get("copied").await.expect("the Deployment");
+    let operator = Operator::start(&[&ns.name]).await;
+    // Long enough for the start-up sweep and a few watch events.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = deployments.get("copied").await.expect("the Deployment");
+    // (Its status moves with the Deployment controller: compare the rest.)
+    assert_eq!(
+        before.metadata.generation, after.metadata.generation,
+        "the Deployment's spec changed"
+    );
+    assert_eq!(template_spec(&before), template_spec(&after));
+    assert_eq!(
+        before
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.clone()),
+        after
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.clone())
+    );
+    let ours: Vec<_> = after
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.manager.as_deref() == Some("cloudsql-binder"))
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "the operator wrote to a Deployment it never injected: {ours:?}"
+    );
+    operator.stop().await;
+}
