@@ -222,6 +222,7 @@ fn touches_workload(
 
 fn spawn_workload_mapper<K, S>(
     stream: S,
+    store: Store<K>,
     stores: Stores,
     tx: broadcast::Sender<ObjectRef<CloudSqlBinding>>,
     orphans: Arc<Orphans>,
@@ -229,38 +230,33 @@ fn spawn_workload_mapper<K, S>(
     K: Workload,
     S: Stream<Item = Result<K, watcher::Error>> + Send + 'static,
 {
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(obj) => {
-                    let ns = obj.namespace().unwrap_or_default();
-                    let labels = obj.meta().labels.clone();
-                    let bindings = bindings_for_workload(
-                        &stores,
-                        K::KIND,
-                        &ns,
-                        &obj.name_any(),
-                        labels.as_ref(),
-                    );
-                    // Ours, and no binding here will look at it: the sweeper does.
-                    if bindings.is_empty() && carries_our_fields(obj.meta()) {
-                        orphans.add(WorkloadId {
-                            kind: K::KIND,
-                            namespace: ns,
-                            name: obj.name_any(),
-                        });
-                    }
-                    for r in bindings {
-                        let _ = tx.send(r);
-                    }
-                }
-                Err(err) => {
-                    warn!(kind = %K::KIND, error = %crate::telemetry::WatchError(&err), "watch error")
-                }
-            }
+    let forward = move |obj: &K| {
+        let ns = obj.namespace().unwrap_or_default();
+        let labels = obj.meta().labels.clone();
+        let bindings =
+            bindings_for_workload(&stores, K::KIND, &ns, &obj.name_any(), labels.as_ref());
+        // Ours, and no binding here will look at it: the sweeper does.
+        if bindings.is_empty() && carries_our_fields(obj.meta()) {
+            orphans.add(WorkloadId {
+                kind: K::KIND,
+                namespace: ns,
+                name: obj.name_any(),
+            });
         }
-    });
+        for r in bindings {
+            let _ = tx.send(r);
+        }
+    };
+    // What a binding reads of a workload is its spec (the generation), its
+    // labels and annotations: its status, which moves all through a
+    // rollout, never triggers anything. A deletion always does.
+    let stream = on_deletion(stream, store, forward.clone()).predicate_filter(
+        predicates::generation
+            .combine(predicates::labels)
+            .combine(predicates::annotations),
+        PredicateConfig::default(),
+    );
+    spawn_forwarder(stream, forward);
 }
 
 /// Runs a metadata-only reflector in the background, calling `on_change` for
@@ -334,9 +330,15 @@ fn watch_for_knative(
                     generation.clone(),
                 );
                 if let Ok(mut guard) = stores.knative.write() {
-                    *guard = Some(store);
+                    *guard = Some(store.clone());
                 }
-                spawn_workload_mapper(stream, stores.clone(), tx.clone(), orphans.clone());
+                spawn_workload_mapper(
+                    stream,
+                    store.clone(),
+                    stores.clone(),
+                    tx.clone(),
+                    orphans.clone(),
+                );
                 // Bindings waiting for Knative services can now find them.
                 for b in stores.bindings.state() {
                     let _ = tx.send(ObjectRef::from_obj(&*b));
@@ -510,36 +512,42 @@ impl Cluster {
         }
         spawn_workload_mapper(
             deployment_stream,
+            stores.deployments.clone(),
             stores.clone(),
             binding_tx.clone(),
             orphans.clone(),
         );
         spawn_workload_mapper(
             sts_stream,
+            stores.stateful_sets.clone(),
             stores.clone(),
             binding_tx.clone(),
             orphans.clone(),
         );
         spawn_workload_mapper(
             ds_stream,
+            stores.daemon_sets.clone(),
             stores.clone(),
             binding_tx.clone(),
             orphans.clone(),
         );
         spawn_workload_mapper(
             rs_stream,
+            stores.replica_sets.clone(),
             stores.clone(),
             binding_tx.clone(),
             orphans.clone(),
         );
         spawn_workload_mapper(
             cj_stream,
+            stores.cron_jobs.clone(),
             stores.clone(),
             binding_tx.clone(),
             orphans.clone(),
         );
         spawn_workload_mapper(
             job_stream,
+            stores.jobs.clone(),
             stores.clone(),
             binding_tx.clone(),
             orphans.clone(),
