@@ -43,6 +43,18 @@ fn trim<K: Resource>(obj: &mut K) {
     let meta = obj.meta_mut();
     if let Some(fields) = meta.managed_fields.as_mut() {
         fields.retain(|m| m.manager.as_deref() == Some(crate::api::FIELD_MANAGER));
+        for entry in fields.iter_mut() {
+            // Only which top-level fields we own is read: the set below them
+            // (every env var, mount and probe of the proxy) is dropped.
+            if let Some(f) = entry.fields_v1.as_mut()
+                && let serde_json::Value::Object(owned) = &mut f.0
+            {
+                for value in owned.values_mut() {
+                    *value = serde_json::Value::Object(Default::default());
+                }
+            }
+            entry.time = None;
+        }
         if fields.is_empty() {
             meta.managed_fields = None;
         }
@@ -222,7 +234,6 @@ fn touches_workload(
 
 fn spawn_workload_mapper<K, S>(
     stream: S,
-    store: Store<K>,
     stores: Stores,
     tx: broadcast::Sender<ObjectRef<CloudSqlBinding>>,
     orphans: Arc<Orphans>,
@@ -230,33 +241,38 @@ fn spawn_workload_mapper<K, S>(
     K: Workload,
     S: Stream<Item = Result<K, watcher::Error>> + Send + 'static,
 {
-    let forward = move |obj: &K| {
-        let ns = obj.namespace().unwrap_or_default();
-        let labels = obj.meta().labels.clone();
-        let bindings =
-            bindings_for_workload(&stores, K::KIND, &ns, &obj.name_any(), labels.as_ref());
-        // Ours, and no binding here will look at it: the sweeper does.
-        if bindings.is_empty() && carries_our_fields(obj.meta()) {
-            orphans.add(WorkloadId {
-                kind: K::KIND,
-                namespace: ns,
-                name: obj.name_any(),
-            });
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(obj) => {
+                    let ns = obj.namespace().unwrap_or_default();
+                    let labels = obj.meta().labels.clone();
+                    let bindings = bindings_for_workload(
+                        &stores,
+                        K::KIND,
+                        &ns,
+                        &obj.name_any(),
+                        labels.as_ref(),
+                    );
+                    // Ours, and no binding here will look at it: the sweeper does.
+                    if bindings.is_empty() && carries_our_fields(obj.meta()) {
+                        orphans.add(WorkloadId {
+                            kind: K::KIND,
+                            namespace: ns,
+                            name: obj.name_any(),
+                        });
+                    }
+                    for r in bindings {
+                        let _ = tx.send(r);
+                    }
+                }
+                Err(err) => {
+                    warn!(kind = %K::KIND, error = %crate::telemetry::WatchError(&err), "watch error")
+                }
+            }
         }
-        for r in bindings {
-            let _ = tx.send(r);
-        }
-    };
-    // What a binding reads of a workload is its spec (the generation), its
-    // labels and annotations: its status, which moves all through a
-    // rollout, never triggers anything. A deletion always does.
-    let stream = on_deletion(stream, store, forward.clone()).predicate_filter(
-        predicates::generation
-            .combine(predicates::labels)
-            .combine(predicates::annotations),
-        PredicateConfig::default(),
-    );
-    spawn_forwarder(stream, forward);
+    });
 }
 
 /// Runs a metadata-only reflector in the background, calling `on_change` for
@@ -330,15 +346,9 @@ fn watch_for_knative(
                     generation.clone(),
                 );
                 if let Ok(mut guard) = stores.knative.write() {
-                    *guard = Some(store.clone());
+                    *guard = Some(store);
                 }
-                spawn_workload_mapper(
-                    stream,
-                    store.clone(),
-                    stores.clone(),
-                    tx.clone(),
-                    orphans.clone(),
-                );
+                spawn_workload_mapper(stream, stores.clone(), tx.clone(), orphans.clone());
                 // Bindings waiting for Knative services can now find them.
                 for b in stores.bindings.state() {
                     let _ = tx.send(ObjectRef::from_obj(&*b));
@@ -512,42 +522,36 @@ impl Cluster {
         }
         spawn_workload_mapper(
             deployment_stream,
-            stores.deployments.clone(),
             stores.clone(),
             binding_tx.clone(),
             orphans.clone(),
         );
         spawn_workload_mapper(
             sts_stream,
-            stores.stateful_sets.clone(),
             stores.clone(),
             binding_tx.clone(),
             orphans.clone(),
         );
         spawn_workload_mapper(
             ds_stream,
-            stores.daemon_sets.clone(),
             stores.clone(),
             binding_tx.clone(),
             orphans.clone(),
         );
         spawn_workload_mapper(
             rs_stream,
-            stores.replica_sets.clone(),
             stores.clone(),
             binding_tx.clone(),
             orphans.clone(),
         );
         spawn_workload_mapper(
             cj_stream,
-            stores.cron_jobs.clone(),
             stores.clone(),
             binding_tx.clone(),
             orphans.clone(),
         );
         spawn_workload_mapper(
             job_stream,
-            stores.jobs.clone(),
             stores.clone(),
             binding_tx.clone(),
             orphans.clone(),
@@ -982,5 +986,32 @@ mod tests {
             unguard::<CloudSqlInstance>(Ok(watcher::Event::InitDone)),
             Some(Ok(watcher::Event::InitDone))
         ));
+    }
+
+    #[test]
+    fn cached_objects_keep_only_which_top_level_fields_we_own() {
+        let mut d: Deployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "api", "namespace": "shop", "managedFields": [
+                {"manager": "kubectl", "operation": "Apply", "fieldsType": "FieldsV1",
+                 "fieldsV1": {"f:spec": {"f:replicas": {}}}},
+                {"manager": "cloudsql-binder", "operation": "Apply", "fieldsType": "FieldsV1",
+                 "time": "2026-01-01T00:00:00Z",
+                 "fieldsV1": {"f:spec": {"f:template": {"f:spec": {"f:initContainers": {}}}}}}
+            ]}
+        }))
+        .expect("a deployment");
+        assert!(carries_our_fields(&d.metadata));
+        trim(&mut d);
+        let fields = d.metadata.managed_fields.clone().expect("ours kept");
+        assert_eq!(fields.len(), 1);
+        assert_eq!(
+            fields[0].fields_v1.as_ref().map(|f| f.0.clone()),
+            Some(serde_json::json!({"f:spec": {}}))
+        );
+        assert!(
+            carries_our_fields(&d.metadata),
+            "still proves the injection"
+        );
     }
 }
