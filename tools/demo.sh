@@ -93,12 +93,13 @@ fi
 helm="$(bash "$here/build-controlplane.sh")/helm"
 
 say "building the operator"
-release_bin="$repo/target/release/cloudsql-binder"
+target_dir="${CARGO_TARGET_DIR:-$repo/target}"
+release_bin="$target_dir/release/cloudsql-binder"
 if [[ -x "$release_bin" && -z "$(find "$repo/src" "$repo/Cargo.toml" "$repo/Cargo.lock" -newer "$release_bin" -print -quit)" ]]; then
   bin="$release_bin"
 else
   (cd "$repo" && cargo build --quiet --bin cloudsql-binder) || fail "cargo build failed"
-  bin="$repo/target/debug/cloudsql-binder"
+  bin="$target_dir/debug/cloudsql-binder"
 fi
 
 say "installing the CRDs (server-side apply: how an upgrade installs them too)"
