@@ -790,8 +790,14 @@ mod tests {
         };
     }
 
-    fn status(code: u16, reason: &str, message: &str, kind: &str, name: &str) -> kube::Error {
-        kube::Error::Api(Box::new(kube::core::Status {
+    fn status(
+        code: u16,
+        reason: &str,
+        message: &str,
+        kind: &str,
+        name: &str,
+    ) -> Box<kube::core::Status> {
+        Box::new(kube::core::Status {
             code,
             reason: reason.into(),
             message: message.into(),
@@ -804,43 +810,35 @@ mod tests {
                 retry_after_seconds: 0,
             }),
             ..Default::default()
-        }))
+        })
     }
 
     #[test]
     fn a_missing_lease_namespace_is_told_apart_from_other_not_founds() {
-        let kube::Error::Api(missing) = status(
+        let missing = status(
             404,
             "NotFound",
             r#"namespaces "cloudsql-binder" not found"#,
             "namespaces",
             "cloudsql-binder",
-        ) else {
-            unreachable!()
-        };
+        );
         assert!(namespace_missing(&missing, "cloudsql-binder"));
         assert!(!namespace_missing(&missing, "other"));
-        let kube::Error::Api(forbidden) = status(403, "Forbidden", "no", "leases", "x") else {
-            unreachable!()
-        };
+        let forbidden = status(403, "Forbidden", "no", "leases", "x");
         assert!(!namespace_missing(&forbidden, "cloudsql-binder"));
-        let kube::Error::Api(lease) = status(404, "NotFound", "no", "leases", "x") else {
-            unreachable!()
-        };
+        let lease = status(404, "NotFound", "no", "leases", "x");
         assert!(!namespace_missing(&lease, "cloudsql-binder"));
     }
 
     #[test]
     fn a_missing_lease_namespace_names_the_three_fixes_on_one_line() {
-        let kube::Error::Api(source) = status(
+        let source = status(
             404,
             "NotFound",
             r#"namespaces "cloudsql-binder" not found"#,
             "namespaces",
             "cloudsql-binder",
-        ) else {
-            unreachable!()
-        };
+        );
         let error = Error::NamespaceMissing {
             namespace: "cloudsql-binder".into(),
             source,
@@ -862,13 +860,13 @@ mod tests {
         let error = Error::Kube {
             action: "creating",
             lease: "ns/lease".into(),
-            source: status(
+            source: kube::Error::Api(status(
                 403,
                 "Forbidden",
                 r#"leases.coordination.k8s.io is forbidden: User "x" cannot create resource "leases""#,
                 "leases",
                 "",
-            ),
+            )),
         };
         assert!(!error.is_fatal());
         let text = error.to_string();

@@ -61,6 +61,31 @@ fn trim<K: Resource>(obj: &mut K) {
     }
 }
 
+/// What a kind needs to be watched into a store of ours.
+pub trait Cached:
+    Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + serde::Serialize
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Cached for K where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// A reflector for `K` whose store the controllers read; returns the store and
 /// the stream of touched objects (to map into reconcile triggers).
 fn reflect<K>(
@@ -71,14 +96,7 @@ fn reflect<K>(
     impl Stream<Item = Result<K, watcher::Error>> + Send,
 )
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + Send
-        + Sync
-        + 'static,
+    K: Cached,
 {
     reflect_events(
         watcher(api, watcher::Config::default().any_semantic()),
@@ -97,14 +115,7 @@ fn reflect_guarded<K>(
     impl Stream<Item = Result<K, watcher::Error>> + Send,
 )
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + Send
-        + Sync
-        + 'static,
+    K: Cached,
 {
     let api = Api::<DeserializeGuard<K>>::all(client);
     reflect_events(
@@ -151,14 +162,7 @@ fn reflect_events<K>(
     impl Stream<Item = Result<K, watcher::Error>> + Send,
 )
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + Send
-        + Sync
-        + 'static,
+    K: Cached,
 {
     let (reader, writer) = reflector::store();
     // This stream's own mark: set before the reflector applies an event, taken
@@ -283,14 +287,7 @@ fn spawn_metadata_reflector<K>(
     on_change: impl Fn(&kube::api::PartialObjectMeta<K>) + Send + 'static,
 ) -> Store<kube::api::PartialObjectMeta<K>>
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + Send
-        + Sync
-        + 'static,
+    K: Cached,
 {
     let (reader, stream) = reflect(api, generation);
     spawn_forwarder(stream, on_change);

@@ -139,6 +139,20 @@ where
         .expect("applying as the user");
 }
 
+/// Waits (30 s at most) until Deployment `name` passes `check`.
+async fn wait_for_deployment(
+    deployments: &Api<Deployment>,
+    name: &str,
+    what: &str,
+    check: fn(&Deployment) -> bool,
+) {
+    eventually(Duration::from_secs(30), what, || {
+        let deployments = deployments.clone();
+        async move { deployments.get(name).await.is_ok_and(|d| check(&d)) }
+    })
+    .await;
+}
+
 fn template_spec(d: &Deployment) -> PodSpec {
     d.spec
         .as_ref()
@@ -304,18 +318,11 @@ async fn a_selector_binding_follows_labels_and_deleting_it_restores_the_users_te
         let d: Deployment = serde_json::from_value(original.clone()).expect("a deployment");
         template_spec(&d)
     };
-    eventually(
-        Duration::from_secs(30),
+    wait_for_deployment(
+        &deployments,
+        "late",
         "the later Deployment to be injected",
-        || {
-            let deployments = deployments.clone();
-            async move {
-                deployments
-                    .get("late")
-                    .await
-                    .is_ok_and(|d| has_proxy(&template_spec(&d)))
-            }
-        },
+        |d| has_proxy(&template_spec(d)),
     )
     .await;
     wait_for_condition(&ns, "by-label", "Ready", "True", None).await;
@@ -327,37 +334,20 @@ async fn a_selector_binding_follows_labels_and_deleting_it_restores_the_users_te
         &deployment("late", json!({"db": "other"}), 1),
     )
     .await;
-    eventually(
-        Duration::from_secs(30),
+    wait_for_deployment(
+        &deployments,
+        "late",
         "the injection to be removed after relabelling",
-        || {
-            let deployments = deployments.clone();
-            async move {
-                deployments
-                    .get("late")
-                    .await
-                    .is_ok_and(|d| !has_proxy(&template_spec(&d)) && config_hash(&d).is_none())
-            }
-        },
+        |d| !has_proxy(&template_spec(d)) && config_hash(d).is_none(),
     )
     .await;
 
     // Matches again, then the binding is deleted: everything of ours goes, the
     // user's env and volumes stay exactly as they were, and the binding disappears.
     apply_as_user(&deployments, "late", &original).await;
-    eventually(
-        Duration::from_secs(30),
-        "the injection to come back",
-        || {
-            let deployments = deployments.clone();
-            async move {
-                deployments
-                    .get("late")
-                    .await
-                    .is_ok_and(|d| has_proxy(&template_spec(&d)))
-            }
-        },
-    )
+    wait_for_deployment(&deployments, "late", "the injection to come back", |d| {
+        has_proxy(&template_spec(d))
+    })
     .await;
     let api: Api<DynamicObject> =
         Api::namespaced_with(ns.client.clone(), &ns.name, &ar("CloudSqlBinding"));
@@ -371,18 +361,11 @@ async fn a_selector_binding_follows_labels_and_deleting_it_restores_the_users_te
         async move { api.get_opt("by-label").await.is_ok_and(|b| b.is_none()) }
     })
     .await;
-    eventually(
-        Duration::from_secs(30),
+    wait_for_deployment(
+        &deployments,
+        "late",
         "the injection to be removed after the binding was deleted",
-        || {
-            let deployments = deployments.clone();
-            async move {
-                deployments
-                    .get("late")
-                    .await
-                    .is_ok_and(|d| !has_proxy(&template_spec(&d)) && config_hash(&d).is_none())
-            }
-        },
+        |d| !has_proxy(&template_spec(d)) && config_hash(d).is_none(),
     )
     .await;
     let after = deployments.get("late").await.expect("get");
@@ -787,19 +770,9 @@ async fn the_finalizer_of_older_versions_is_taken_out_on_upgrade() {
     }
     // The older version had injected `api` for "leaving": run once to inject, then stop.
     let operator = Operator::start(&[&ns.name]).await;
-    eventually(
-        Duration::from_secs(30),
-        "the Deployment to be injected",
-        || {
-            let deployments = deployments.clone();
-            async move {
-                deployments
-                    .get("api")
-                    .await
-                    .is_ok_and(|d| has_proxy(&template_spec(&d)))
-            }
-        },
-    )
+    wait_for_deployment(&deployments, "api", "the Deployment to be injected", |d| {
+        has_proxy(&template_spec(d))
+    })
     .await;
     operator.stop().await;
     // Put the finalizer back (the new version took it out) and delete "leaving"
