@@ -134,27 +134,6 @@ struct WorkloadResult {
     status: WorkloadStatus,
 }
 
-/// The workloads to look at: those selected now, and those listed in status
-/// (which may need their injection taken out).
-fn workloads_to_sync(
-    binding: &CloudSqlBinding,
-    ctx: &Context,
-) -> (BTreeSet<WorkloadId>, BTreeSet<WorkloadId>) {
-    let ns = binding.namespace().unwrap_or_default();
-    let selected: BTreeSet<WorkloadId> = ctx.stores.selected(binding).into_iter().collect();
-    let mut all = selected.clone();
-    for w in binding.status.iter().flat_map(|s| s.workloads.iter()) {
-        if let Some(kind) = WorkloadKind::ALL.into_iter().find(|k| k.as_str() == w.kind) {
-            all.insert(WorkloadId {
-                kind,
-                namespace: ns.clone(),
-                name: w.name.clone(),
-            });
-        }
-    }
-    (selected, all)
-}
-
 fn api_resource(kind: WorkloadKind) -> ApiResource {
     let (group, version) = match kind.api_version().split_once('/') {
         Some((g, v)) => (g, v),
@@ -431,7 +410,7 @@ async fn sync_all(
     ctx: &Context,
 ) -> Result<Vec<WorkloadResult>, Error> {
     let key = binding_key(binding);
-    let (selected, all) = workloads_to_sync(binding, ctx);
+    let (selected, all) = ctx.stores.workloads_of(binding);
     let results: Vec<Result<WorkloadResult, Error>> = futures::stream::iter(all)
         .map(|id| {
             let key = key.clone();

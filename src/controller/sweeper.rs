@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::Context;
 
@@ -22,8 +22,9 @@ pub fn scan(ctx: &Context) {
     }
 }
 
-/// The leader's sweeper: takes the injection out of workloads no binding
-/// wants, until `shutdown` resolves. Failures are retried with per-workload
+/// The leader's sweeper: brings the queued workloads to what the remaining
+/// bindings want (nothing, for those no binding selects), until `shutdown`
+/// resolves. Failures are retried with per-workload
 /// exponential backoff.
 pub async fn sweep(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()>) {
     let mut shutdown = std::pin::pin!(shutdown);
@@ -36,20 +37,17 @@ pub async fn sweep(ctx: Arc<Context>, shutdown: impl std::future::Future<Output 
             () = ctx.orphans.wake.notified() => {}
         }
         for id in ctx.orphans.take() {
-            // Looked at again now: a binding may have come for it meanwhile
-            // (its own reconcile injects it), or the fields may be gone.
-            if !ctx.watches_namespace(&id.namespace)
-                || !ctx.stores.carries_ours(&id)
-                || ctx.stores.selected_by_any(&id)
-            {
+            // Looked at again now: the fields may be gone. A workload that a
+            // remaining binding still selects is brought to what the
+            // remaining bindings want, like any other (nothing is written
+            // when that is what it carries).
+            if !ctx.watches_namespace(&id.namespace) || !ctx.stores.carries_ours(&id) {
                 continue;
             }
             let key = format!("orphan {id}");
             match super::binding::sync_workload(id.clone(), "", None, &ctx).await {
-                Ok(_) => {
-                    ctx.backoff.succeeded(&key);
-                    info!(workload = %id, "no binding selects it any more: injection removed");
-                }
+                // `sync_workload` logs what it applied.
+                Ok(_) => ctx.backoff.succeeded(&key),
                 Err(err) => {
                     let wait = ctx.backoff.failed(&key);
                     warn!(workload = %id, error = %err, retry_in = ?wait, "removing the injection failed");

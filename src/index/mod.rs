@@ -581,11 +581,11 @@ impl Cluster {
                 let orphans = orphans.clone();
                 move |b: &CloudSqlBinding| {
                     let _ = itx.send(ObjectRef::new(&b.spec.instance_ref.name));
-                    let ns = b.namespace().unwrap_or_default();
-                    for id in stores.workloads_carrying_ours() {
-                        if id.namespace == ns && !stores.selected_by_any(&id) {
-                            orphans.add(id);
-                        }
+                    // What it selected and what it listed: each is brought
+                    // back to what the remaining bindings want (another
+                    // binding may still select it).
+                    for id in stores.workloads_of(b).1 {
+                        orphans.add(id);
                     }
                 }
             })

@@ -390,6 +390,27 @@ impl Stores {
         self.knative.read().ok().and_then(|g| g.clone())
     }
 
+    /// The workloads of `binding`: those it selects now, and with them those
+    /// its status lists (which may still carry its injection).
+    pub fn workloads_of(
+        &self,
+        binding: &CloudSqlBinding,
+    ) -> (BTreeSet<WorkloadId>, BTreeSet<WorkloadId>) {
+        let ns = binding.namespace().unwrap_or_default();
+        let selected: BTreeSet<WorkloadId> = self.selected(binding).into_iter().collect();
+        let mut all = selected.clone();
+        for w in binding.status.iter().flat_map(|s| s.workloads.iter()) {
+            if let Some(kind) = WorkloadKind::ALL.into_iter().find(|k| k.as_str() == w.kind) {
+                all.insert(WorkloadId {
+                    kind,
+                    namespace: ns.clone(),
+                    name: w.name.clone(),
+                });
+            }
+        }
+        (selected, all)
+    }
+
     /// Every workload with a mutable template that carries fields of ours.
     pub fn workloads_carrying_ours(&self) -> Vec<WorkloadId> {
         let mut out = Vec::new();

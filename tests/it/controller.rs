@@ -886,3 +886,59 @@ async fn a_copied_injection_record_without_our_fields_is_left_alone() {
     );
     operator.stop().await;
 }
+
+/// Two bindings on one Deployment; one is deleted: its part goes (no
+/// finalizer, so from the workload's own fields), the other's stays.
+#[tokio::test]
+async fn deleting_one_of_two_bindings_on_a_workload_takes_out_only_its_part() {
+    let ns = TestNamespace::new("ctl-shared", &[]).await;
+    support::install_crds(&ns.client).await;
+    let operator = Operator::start(&[&ns.name]).await;
+    let instance = TestInstance::create(&ns, basic_instance_spec()).await;
+    let deployments = ns.api::<Deployment>();
+    apply_as_user(&deployments, "api", &deployment("api", json!({}), 1)).await;
+    let on_api = json!([{"kind": "Deployment", "name": "api"}]);
+    apply_binding(
+        &ns,
+        "proxy",
+        proxy_binding_spec(&instance.name, on_api.clone()),
+    )
+    .await;
+    apply_binding(
+        &ns,
+        "connector",
+        json!({"instanceRef": {"name": instance.name}, "workloads": on_api, "mode": "Connector",
+               "database": {"name": "reports", "user": "reporter"},
+               "env": {"connectionName": "REPORTS_CONN", "database": "REPORTS_DB",
+                       "user": "REPORTS_USER", "poolMax": "REPORTS_POOL"},
+               "pool": {"maxPerPod": 3, "minPerPod": 1}}),
+    )
+    .await;
+    wait_for_condition(&ns, "proxy", "Ready", "True", None).await;
+    wait_for_condition(&ns, "connector", "Ready", "True", None).await;
+    wait_for_deployment(&deployments, "api", "both injections", |d| {
+        let spec = template_spec(d);
+        has_proxy(&spec) && env_value(&spec, "app", "REPORTS_DB").as_deref() == Some("reports")
+    })
+    .await;
+
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ns.client.clone(), &ns.name, &ar("CloudSqlBinding"));
+    api.delete("proxy", &DeleteParams::default())
+        .await
+        .expect("deleting the binding");
+    wait_for_deployment(
+        &deployments,
+        "api",
+        "the deleted binding's proxy gone, the other's env kept",
+        |d| {
+            let spec = template_spec(d);
+            !has_proxy(&spec)
+                && env_value(&spec, "app", "REPORTS_DB").as_deref() == Some("reports")
+                && env_value(&spec, "app", "DB_NAME").is_none()
+                && env_value(&spec, "app", "USER_SETTING").as_deref() == Some("mine")
+        },
+    )
+    .await;
+    operator.stop().await;
+}
