@@ -11,19 +11,38 @@ export CLOUDSQL_BINDER_CLUSTER_DIR
 # Recursive (=): follows the target-specific cluster directory below.
 export KUBECONFIG = $(CLOUDSQL_BINDER_CLUSTER_DIR)/kubeconfig
 
-.PHONY: build test lint e2e crds cluster-up cluster-down test-cluster-down demo demo-down chart-lint bench clean controlplane
+.PHONY: build test lint e2e e2e-node crds cluster-up cluster-down node-up test-cluster-down demo demo-down chart-lint bench clean controlplane
 
 build:
 	$(CARGO) build --release --bin cloudsql-binder
 
+## The operator's image without Docker (README "Image"): an OCI archive of the
+## Dockerfile's runtime layout, named ghcr.io/cloudsql-binder/cloudsql-binder:<crate
+## version>, written under $(CARGO_TARGET_DIR or target)/image/; prints its path.
+## IMAGE_PROFILE=debug reuses the debug build (stripped of its debug info).
+IMAGE_PROFILE ?= release
+.PHONY: image
+image:
+	@IMAGE_PROFILE=$(IMAGE_PROFILE) CARGO="$(CARGO)" bash tools/image.sh
+
 ## The test command (README and .ci/run): formatting, lints, the chart checks,
 ## unit and integration tests (against the tests' own control plane in
-## .cluster-test/, started by the tests when it is not up), the data path.
-test e2e chart-lint test-cluster-down: CLOUDSQL_BINDER_CLUSTER_DIR = $(CLOUDSQL_BINDER_TEST_CLUSTER_DIR)
+## .cluster-test/, started by the tests when it is not up), the data path, and
+## last the real pods on the local node (e2e-node). A node that cannot start
+## fails `make test` with its one-line reason, after everything else has run.
+test e2e e2e-node chart-lint test-cluster-down: CLOUDSQL_BINDER_CLUSTER_DIR = $(CLOUDSQL_BINDER_TEST_CLUSTER_DIR)
 test: lint
 	$(MAKE) chart-lint
 	$(CARGO) test --workspace --all-targets -- --test-threads=4
 	$(MAKE) e2e
+	$(MAKE) e2e-node
+
+## Real pods on the local node: the chart with the operator image, the sidecar
+## and the data path in pods (e2e/node). Starts the tests' cluster and node.
+e2e-node:
+	@bash tools/cluster-up.sh >/dev/null
+	@bash tools/node-up.sh
+	bash e2e/node/run.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -45,9 +64,21 @@ cluster-up:
 cluster-down:
 	@bash tools/cluster-down.sh
 
+## A real node beside the control plane (after cluster-up; idempotent): kubelet
+## and kube-scheduler from the same pinned module, containerd, runc and the CNI
+## plugins from Debian. `make cluster-down` stops it with everything it started.
+node-up:
+	@bash tools/node-up.sh
+
 ## Stops the tests' control plane (.cluster-test/) and removes its state.
 test-cluster-down:
 	@bash tools/cluster-down.sh
+
+## A real node beside the control plane (after cluster-up; idempotent): kubelet
+## and kube-scheduler from the same pinned module, containerd, runc and the CNI
+## plugins from Debian. `make cluster-down` stops it with everything it started.
+node-up:
+	@bash tools/node-up.sh
 
 ## The data path: app -> Unix socket -> real Cloud SQL Auth Proxy -> TLS -> PostgreSQL.
 e2e:

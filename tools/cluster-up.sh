@@ -59,6 +59,11 @@ free_port() {
 }
 etcd_port="$(free_port)"; etcd_peer_port="$(free_port)"; api_port="$(free_port)"; kcm_port="$(free_port)"
 
+# shellcheck source=node/network.sh
+source "$here/node/network.sh"
+choose_node_network "$state" >"$state/network.env" || fail "no free private /24 for the node's network (see ip route)"
+source "$state/network.env"
+
 # --- certificates: one CA, the apiserver's serving cert, an admin client cert,
 # and the service-account signing key.
 (
@@ -66,7 +71,7 @@ etcd_port="$(free_port)"; etcd_peer_port="$(free_port)"; api_port="$(free_port)"
   openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=cloudsql-binder-test-ca" \
     -keyout ca.key -out ca.crt 2>/dev/null
   cat >server.ext <<EXT
-subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+subjectAltName=IP:127.0.0.1,IP:10.0.0.1,IP:$NODE_GATEWAY,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 extendedKeyUsage=serverAuth
 EXT
   openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout server.key -out server.csr 2>/dev/null
@@ -117,7 +122,10 @@ wait_for "etcd" 30 curl -sf "http://127.0.0.1:$etcd_port/health" \
 
 start kube-apiserver \
   --etcd-servers="http://127.0.0.1:$etcd_port" \
-  --secure-port="$api_port" --bind-address=127.0.0.1 --advertise-address=127.0.0.1 \
+  --secure-port="$api_port" --bind-address=0.0.0.0 --advertise-address="$NODE_GATEWAY" \
+  --enable-aggregator-routing=true \
+  --kubelet-client-certificate="$pki/admin.crt" --kubelet-client-key="$pki/admin.key" \
+  --kubelet-preferred-address-types=InternalIP \
   --tls-cert-file="$pki/server.crt" --tls-private-key-file="$pki/server.key" \
   --client-ca-file="$pki/ca.crt" \
   --service-account-issuer=https://kubernetes.default.svc.cluster.local \
