@@ -54,9 +54,17 @@ if [[ -d "$node/containerd/state" ]]; then
 fi
 # Pod processes outlive the kubelet (their shims keep them): kill every process
 # in this node's cgroups, then the shims started by this node's containerd.
+node_cgroups=()
 if [[ -n "${NODE_CGROUP:-}" ]]; then
+  # tools/node-up.sh made the root at the top of each hierarchy (v1) or of the
+  # unified one (v2).
+  for d in /sys/fs/cgroup/"$NODE_CGROUP" /sys/fs/cgroup/*/"$NODE_CGROUP"; do
+    [[ -d "$d" ]] && node_cgroups+=("$d")
+  done
+fi
+if ((${#node_cgroups[@]})); then
   for _ in 1 2 3; do
-    pids="$(find /sys/fs/cgroup -path "*/$NODE_CGROUP/*" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u || true)"
+    pids="$(find "${node_cgroups[@]}" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u || true)"
     [[ -z "$pids" ]] && break
     # shellcheck disable=SC2086
     kill -9 $pids 2>/dev/null || true
@@ -80,8 +88,8 @@ fi
 if [[ -n "${NODE_BRIDGE:-}" ]] && ip link show "$NODE_BRIDGE" >/dev/null 2>&1; then
   ip link del "$NODE_BRIDGE" 2>/dev/null || true
 fi
-if [[ -n "${NODE_CGROUP:-}" ]]; then
-  find /sys/fs/cgroup -depth -type d -path "*/$NODE_CGROUP*" 2>/dev/null | while IFS= read -r d; do
+if ((${#node_cgroups[@]})); then
+  find "${node_cgroups[@]}" -depth -type d 2>/dev/null | while IFS= read -r d; do
     rmdir "$d" 2>/dev/null || true
   done
 fi
@@ -99,7 +107,9 @@ left=()
 pgrep -f -- "$node/" >/dev/null 2>&1 && left+=("processes: $(pgrep -f -- "$node/" | tr '\n' ' ')")
 grep -qF -- " $node/" /proc/self/mountinfo && left+=("mounts under $node")
 [[ -n "${NODE_BRIDGE:-}" ]] && ip link show "$NODE_BRIDGE" >/dev/null 2>&1 && left+=("bridge $NODE_BRIDGE")
-[[ -n "${NODE_CGROUP:-}" && -n "$(find /sys/fs/cgroup -maxdepth 3 -type d -name "$NODE_CGROUP" 2>/dev/null)" ]] && left+=("cgroups $NODE_CGROUP")
+for d in "${node_cgroups[@]}"; do
+  [[ -d "$d" ]] && { left+=("cgroup $d"); break; }
+done
 for id in "${task_ids[@]}"; do
   [[ -e "/var/lib/cni/results/cni-loopback-$id-lo" ]] && { left+=("CNI cache entries"); break; }
 done
