@@ -74,12 +74,6 @@ node-up:
 test-cluster-down:
 	@bash tools/cluster-down.sh
 
-## A real node beside the control plane (after cluster-up; idempotent): kubelet
-## and kube-scheduler from the same pinned module, containerd, runc and the CNI
-## plugins from Debian. `make cluster-down` stops it with everything it started.
-node-up:
-	@bash tools/node-up.sh
-
 ## The data path: app -> Unix socket -> real Cloud SQL Auth Proxy -> TLS -> PostgreSQL.
 e2e:
 	$(CARGO) build --bin cloudsql-binder
