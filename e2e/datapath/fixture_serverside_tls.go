@@ -27,6 +27,9 @@ type ServerSideTLS struct {
 	backend  string
 	accepted atomic.Int64 // connections whose client certificate verified
 	wg       sync.WaitGroup
+
+	mu    sync.Mutex
+	peers map[string]int64 // verified connections by the client's IP address
 }
 
 // NewServerSideTLS listens on ip:3307 with a server certificate from the fixture's
@@ -56,7 +59,7 @@ func NewServerSideTLS(f *SQLAdminFixture, ip, backend string) (*ServerSideTLS, e
 	if err != nil {
 		return nil, err
 	}
-	s := &ServerSideTLS{ln: ln, backend: backend}
+	s := &ServerSideTLS{ln: ln, backend: backend, peers: map[string]int64{}}
 	s.wg.Add(1)
 	go s.serve()
 	return s, nil
@@ -64,6 +67,18 @@ func NewServerSideTLS(f *SQLAdminFixture, ip, backend string) (*ServerSideTLS, e
 
 // Accepted counts connections that completed the mutual TLS handshake.
 func (s *ServerSideTLS) Accepted() int64 { return s.accepted.Load() }
+
+// AcceptedFrom counts, by the client's IP address, the connections that completed
+// the mutual TLS handshake.
+func (s *ServerSideTLS) AcceptedFrom() map[string]int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[string]int64, len(s.peers))
+	for ip, n := range s.peers {
+		out[ip] = n
+	}
+	return out
+}
 
 // Close stops accepting; connections in flight end with their peers.
 func (s *ServerSideTLS) Close() {
@@ -88,6 +103,11 @@ func (s *ServerSideTLS) forward(c *tls.Conn) {
 		return // no verified client certificate: nothing reaches the database
 	}
 	s.accepted.Add(1)
+	if ip, _, err := net.SplitHostPort(c.RemoteAddr().String()); err == nil {
+		s.mu.Lock()
+		s.peers[ip]++
+		s.mu.Unlock()
+	}
 	db, err := net.Dial("tcp", s.backend)
 	if err != nil {
 		return

@@ -106,7 +106,8 @@ func (i Instance) ConnectionName() string {
 	return i.Project + ":" + i.Region + ":" + i.Name
 }
 
-// SQLAdminFixture is an HTTPS server on 127.0.0.1 playing the Cloud SQL Admin API.
+// SQLAdminFixture is an HTTPS server playing the Cloud SQL Admin API, on 127.0.0.1
+// or on the address given to NewSQLAdminFixtureAt.
 type SQLAdminFixture struct {
 	URL   string // base URL to pass as --sqladmin-api-endpoint
 	Token string // the only bearer token accepted (pass as --token)
@@ -118,14 +119,37 @@ type SQLAdminFixture struct {
 	inst   Instance
 	server *httptest.Server
 
-	mu    sync.Mutex
-	calls []string
+	mu       sync.Mutex
+	requests []Request
 }
 
-// NewSQLAdminFixture starts the fixture for inst.
+// Request is one call the fixture received.
+type Request struct {
+	Method, Path string
+	Status       int
+	Remote       string // the caller's IP address
+}
+
+func (r Request) String() string { return fmt.Sprintf("%s %s -> %d", r.Method, r.Path, r.Status) }
+
+// NewSQLAdminFixture starts the fixture for inst on 127.0.0.1, on a free port.
 func NewSQLAdminFixture(inst Instance) (*SQLAdminFixture, error) {
+	return NewSQLAdminFixtureAt(inst, "127.0.0.1:0")
+}
+
+// NewSQLAdminFixtureAt starts the fixture for inst listening on addr (IP:PORT, port 0
+// for a free one); its HTTPS certificate names that IP, so clients elsewhere (pods
+// on a node's bridge) reach it at the same address it listens on.
+func NewSQLAdminFixtureAt(inst Instance, addr string) (*SQLAdminFixture, error) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("fixture listen address %q: %w", addr, err)
+	}
+	ip := net.ParseIP(host)
+	if ip == nil {
+		return nil, fmt.Errorf("fixture listen address %q: %q is not an IP address", addr, host)
+	}
 	f := &SQLAdminFixture{inst: inst, Token: "fixture-token-" + randomHex(8)}
-	var err error
 	if f.APICA, err = newCA("fixture sqladmin API CA"); err != nil {
 		return nil, err
 	}
@@ -136,8 +160,8 @@ func NewSQLAdminFixture(inst Instance) (*SQLAdminFixture, error) {
 		return nil, err
 	}
 	serving, err := f.APICA.leaf(&x509.Certificate{
-		Subject:     pkix.Name{CommonName: "127.0.0.1"},
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+		Subject:     pkix.Name{CommonName: ip.String()},
+		IPAddresses: []net.IP{ip},
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	})
 	if err != nil {
@@ -149,7 +173,13 @@ func NewSQLAdminFixture(inst Instance) (*SQLAdminFixture, error) {
 	// The method is part of the last segment ("orders:generateEphemeralCert").
 	mux.HandleFunc("POST /sql/v1beta4/projects/{project}/instances/{call}", f.generateEphemeralCert)
 
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("Admin API fixture: %w", err)
+	}
 	f.server = httptest.NewUnstartedServer(f.authorize(mux))
+	_ = f.server.Listener.Close() // httptest's own 127.0.0.1 listener
+	f.server.Listener = ln
 	f.server.TLS = &tls.Config{Certificates: []tls.Certificate{serving}, MinVersion: tls.VersionTLS12}
 	f.server.StartTLS()
 	f.URL = f.server.URL + "/"
@@ -161,9 +191,18 @@ func (f *SQLAdminFixture) Close() { f.server.Close() }
 
 // Calls returns "METHOD /path -> status" for every request received so far.
 func (f *SQLAdminFixture) Calls() []string {
+	var calls []string
+	for _, r := range f.Requests() {
+		calls = append(calls, r.String())
+	}
+	return calls
+}
+
+// Requests returns every request received so far, oldest first.
+func (f *SQLAdminFixture) Requests() []Request {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return append([]string(nil), f.calls...)
+	return append([]Request(nil), f.requests...)
 }
 
 type recorder struct {
@@ -178,8 +217,9 @@ func (f *SQLAdminFixture) authorize(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rec := &recorder{ResponseWriter: w, status: http.StatusOK}
 		defer func() {
+			remote, _, _ := net.SplitHostPort(r.RemoteAddr)
 			f.mu.Lock()
-			f.calls = append(f.calls, fmt.Sprintf("%s %s -> %d", r.Method, r.URL.Path, rec.status))
+			f.requests = append(f.requests, Request{Method: r.Method, Path: r.URL.Path, Status: rec.status, Remote: remote})
 			f.mu.Unlock()
 		}()
 		if r.Header.Get("Authorization") != "Bearer "+f.Token {
