@@ -8,6 +8,7 @@
 #   CLOUDSQL_BINDER_IMAGE_ARCHIVE=x.tar ...   # an operator image already built
 #   E2E_NODE_KEEP=1 ...                       # leave the release and namespaces for a look
 #   E2E_NODE_RUN=Connector ...                # only matching tests (go test -run)
+#   E2E_NODE_CHART=/tmp/chart ...             # install another copy of the chart
 #
 # It never skips: without a Ready node it fails with the reason. Measured figures
 # are printed as `FIGURE name=value` lines.
