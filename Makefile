@@ -96,6 +96,15 @@ bench:
 	$(CARGO) build --release -p cloudsql-binder-bench
 	./target/release/cloudsql-binder-bench --binary $(CURDIR)/target/release/cloudsql-binder \
 		--update-readme $(CURDIR)/bench/README.md $(BENCH_ARGS)
+	$(MAKE) bench-pods
+
+## Pods on a node, the proxy sidecar against the connector (bench/README.md "Pods
+## on a node"): creation to first query and memory per Pod, 20 Pods per mode, on
+## its own cluster and node in bench/work/pods-cluster (stopped however it ends).
+## Writes bench/results/pods-<date>.json and the table. Needs root.
+.PHONY: bench-pods
+bench-pods:
+	bash bench/pods.sh $(BENCH_PODS_ARGS)
 
 ## helm lint + template (default and ci/full-values.yaml), schema rejections, CRD copy check.
 chart-lint:
