@@ -105,6 +105,10 @@ struct RunArgs {
     /// Validity of the webhook's serving certificate (renewed at 2/3 of it), e.g. 90d, 12h, 20s.
     #[arg(long, default_value = "90d", value_parser = cloudsql_binder::webhook::parse_duration)]
     webhook_cert_validity: std::time::Duration,
+    /// After SIGTERM, how long the webhook goes on answering (closing each
+    /// connection after its answer) while the endpoints drop this replica.
+    #[arg(long, default_value = "5s", value_parser = cloudsql_binder::webhook::parse_duration)]
+    webhook_drain: std::time::Duration,
 }
 
 /// The webhook's options from the flags; `None` without any webhook flag.
@@ -144,6 +148,7 @@ fn webhook_options(
         secret_namespace: args.webhook_secret_namespace.clone(),
         secret_name: args.webhook_secret_name.clone(),
         cert_validity: args.webhook_cert_validity,
+        drain: args.webhook_drain,
     }))
 }
 

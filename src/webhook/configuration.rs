@@ -230,6 +230,7 @@ mod tests {
             secret_namespace: "ops".into(),
             secret_name: DEFAULT_SECRET_NAME.into(),
             cert_validity: DEFAULT_CERT_VALIDITY,
+            drain: std::time::Duration::ZERO,
         }
     }
 

@@ -207,6 +207,9 @@ pub struct WebhookOptions {
     pub secret_name: String,
     /// Validity of the serving certificate; renewed at 2/3 of it.
     pub cert_validity: Duration,
+    /// How long the server goes on answering after shutdown is asked for,
+    /// closing each connection after its answer (see [`server::serve`]).
+    pub drain: Duration,
 }
 
 impl WebhookOptions {
@@ -295,6 +298,7 @@ mod unit_tests {
             secret_namespace: "ops".into(),
             secret_name: DEFAULT_SECRET_NAME.into(),
             cert_validity: DEFAULT_CERT_VALIDITY,
+            drain: Duration::ZERO,
         };
         assert!(options.intercepts("shop"));
         assert!(!options.intercepts("kube-system"));

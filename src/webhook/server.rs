@@ -3,12 +3,13 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
@@ -36,8 +37,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight requests may finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Serves the webhook on `options.listen` until `shutdown` resolves. Every
-/// replica runs it (it only reads: its stores and the certificate Secret).
+/// Serves the webhook on `options.listen` until `shutdown` resolves, then
+/// drains for `options.drain`: it goes on answering, but closes each
+/// connection after its answer (`Connection: close`) and keeps none alive, so
+/// the API server never sends a review down a kept-alive connection the
+/// moment we close it (a `broken pipe` it counts as a webhook failure: with
+/// `failurePolicy: Ignore`, a pod created without its injection). By the end
+/// of the drain the endpoints no longer name this replica. Every replica runs
+/// it (it only reads: its stores and the certificate Secret).
 pub async fn serve(
     client: Client,
     cluster: Arc<Cluster>,
@@ -76,13 +83,29 @@ pub async fn serve_on(
         options: options.clone(),
         metrics: Some(metrics),
     });
-    let router = router(ctx);
+    let draining = Arc::new(AtomicBool::new(false));
+    let router = router(ctx).layer(axum::middleware::map_response({
+        let draining = draining.clone();
+        move |mut response: Response| {
+            let draining = draining.load(Ordering::Relaxed);
+            async move {
+                if draining {
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                response
+            }
+        }
+    }));
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
           "serving the admission webhook");
 
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let drained = tokio::time::sleep(Duration::MAX);
+    let mut drained = std::pin::pin!(drained);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -99,6 +122,7 @@ pub async fn serve_on(
                 let acceptor = acceptor.clone();
                 let service = TowerToHyperService::new(router.clone());
                 let watcher = graceful.watcher();
+                let keep_alive = !draining.load(Ordering::Relaxed);
                 connections.spawn(async move {
                     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => tls,
@@ -108,7 +132,8 @@ pub async fn serve_on(
                         }
                         Err(_) => return,
                     };
-                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    builder.http1().keep_alive(keep_alive);
                     let connection = builder.serve_connection(TokioIo::new(tls), service).into_owned();
                     if let Err(err) = watcher.watch(connection).await {
                         debug!(%peer, error = %err, "webhook: connection ended");
@@ -116,7 +141,15 @@ pub async fn serve_on(
                 });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            _ = &mut shutdown => break,
+            _ = &mut shutdown, if !draining.load(Ordering::Relaxed) => {
+                if options.drain.is_zero() {
+                    break;
+                }
+                info!(drain = ?options.drain, "webhook: draining (answers close their connections)");
+                draining.store(true, Ordering::Relaxed);
+                drained.as_mut().reset(tokio::time::Instant::now() + options.drain);
+            }
+            _ = &mut drained => break,
         }
     }
     drop(listener);

@@ -32,6 +32,7 @@ fn options() -> WebhookOptions {
         secret_namespace: "ops".into(),
         secret_name: DEFAULT_SECRET_NAME.into(),
         cert_validity: DEFAULT_CERT_VALIDITY,
+        drain: Duration::ZERO,
     }
 }
 

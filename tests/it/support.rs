@@ -386,6 +386,7 @@ impl AdmissionOperator {
             secret_namespace: ns.to_owned(),
             secret_name: webhook::DEFAULT_SECRET_NAME.to_owned(),
             cert_validity,
+            drain: Duration::ZERO,
         };
         let mut operator = AdmissionOperator {
             options: options.clone(),
