@@ -323,6 +323,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     // The admission webhook: every replica serves it from its caches and the
     // certificate its Secret holds. Writing that Secret and the webhook
     // configurations' caBundle is the leader's job, with the controllers.
+    let mut webhook_server = None;
     if let (Some(webhook), Some(listener)) = (&webhook, webhook_listener) {
         let serving = cloudsql_binder::webhook::serve_on(
             listener,
@@ -332,11 +333,11 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             metrics.clone(),
             shutdown.clone(),
         );
-        tokio::spawn(async move {
+        webhook_server = Some(tokio::spawn(async move {
             if let Err(err) = serving.await {
                 tracing::error!(error = %err, "the admission webhook failed");
             }
-        });
+        }));
     }
     let lease_client = client.clone();
     let leading = move |stop: futures::future::BoxFuture<'static, ()>| {
@@ -361,6 +362,11 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         .await?;
     } else {
         leading(shutdown.clone().boxed()).await;
+    }
+    // The webhook drains after the signal (--webhook-drain): exiting before
+    // it has would reset the connections the API server is still using.
+    if let Some(server) = webhook_server {
+        let _ = server.await;
     }
     match admin.await {
         Ok(Ok(())) => Ok(()),
