@@ -7,6 +7,10 @@ CARGO ?= cargo
 # never fights the operators the tests start.
 CLOUDSQL_BINDER_CLUSTER_DIR ?= $(CURDIR)/.cluster
 CLOUDSQL_BINDER_TEST_CLUSTER_DIR ?= $(CURDIR)/.cluster-test
+# The node test (e2e-node) runs on a control plane and node of its own: the
+# integration tests leave their namespaces' pods behind, which a node would
+# otherwise try to run.
+CLOUDSQL_BINDER_NODE_TEST_CLUSTER_DIR ?= $(CURDIR)/.cluster-test-node
 export CLOUDSQL_BINDER_CLUSTER_DIR
 # Recursive (=): follows the target-specific cluster directory below.
 export KUBECONFIG = $(CLOUDSQL_BINDER_CLUSTER_DIR)/kubeconfig
@@ -30,7 +34,8 @@ image:
 ## .cluster-test/, started by the tests when it is not up), the data path, and
 ## last the real pods on the local node (e2e-node). A node that cannot start
 ## fails `make test` with its one-line reason, after everything else has run.
-test e2e e2e-node chart-lint test-cluster-down: CLOUDSQL_BINDER_CLUSTER_DIR = $(CLOUDSQL_BINDER_TEST_CLUSTER_DIR)
+test e2e chart-lint test-cluster-down: CLOUDSQL_BINDER_CLUSTER_DIR = $(CLOUDSQL_BINDER_TEST_CLUSTER_DIR)
+e2e-node: CLOUDSQL_BINDER_CLUSTER_DIR = $(CLOUDSQL_BINDER_NODE_TEST_CLUSTER_DIR)
 test: lint
 	$(MAKE) chart-lint
 	$(CARGO) test --workspace --all-targets -- --test-threads=4
@@ -38,7 +43,8 @@ test: lint
 	$(MAKE) e2e-node
 
 ## Real pods on the local node: the chart with the operator image, the sidecar
-## and the data path in pods (e2e/node). Starts the tests' cluster and node.
+## and the data path in pods (e2e/node), on a control plane and node of its
+## own (.cluster-test-node/), started here.
 e2e-node:
 	@bash tools/cluster-up.sh >/dev/null
 	@bash tools/node-up.sh
@@ -70,9 +76,12 @@ cluster-down:
 node-up:
 	@bash tools/node-up.sh
 
-## Stops the tests' control plane (.cluster-test/) and removes its state.
+## Stops the tests' control planes (.cluster-test/, and .cluster-test-node/ with its
+## node) and removes their state; fails when a node left anything behind.
 test-cluster-down:
-	@bash tools/cluster-down.sh
+	@status=0; bash tools/cluster-down.sh || status=1; \
+	CLOUDSQL_BINDER_CLUSTER_DIR=$(CLOUDSQL_BINDER_NODE_TEST_CLUSTER_DIR) bash tools/cluster-down.sh || status=1; \
+	exit $$status
 
 ## The data path: app -> Unix socket -> real Cloud SQL Auth Proxy -> TLS -> PostgreSQL.
 e2e:
