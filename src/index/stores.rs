@@ -918,9 +918,24 @@ impl Stores {
                 break;
             };
             let meta: Option<ObjectMeta> = match kind {
-                WorkloadKind::ReplicaSet => {
-                    get(&self.replica_sets, ns, &name).map(|o| o.metadata.clone())
-                }
+                WorkloadKind::ReplicaSet => match get(&self.replica_sets, ns, &name) {
+                    Some(o) => Some(o.metadata.clone()),
+                    None => {
+                        // Not in the cache yet: the Deployment controller creates
+                        // a ReplicaSet milliseconds before its pods.
+                        if let Some(deployment) = self.deployment_of_new_replica_set(ns, &name, pod)
+                        {
+                            next = Some((WorkloadKind::Deployment, deployment));
+                            out.push(PodOwner {
+                                kind,
+                                name,
+                                labels: pod.labels.clone(),
+                            });
+                            continue;
+                        }
+                        None
+                    }
+                },
                 WorkloadKind::Deployment => {
                     get(&self.deployments, ns, &name).map(|o| o.metadata.clone())
                 }
@@ -959,6 +974,24 @@ impl Stores {
             });
         }
         out
+    }
+
+    /// The Deployment owning ReplicaSet `rs` of pod `pod`, when the ReplicaSet
+    /// is not cached yet: the Deployment controller names it
+    /// `<deployment>-<pod-template-hash>` and gives its pods that hash as a
+    /// label, so a cached Deployment of that name whose selector matches the
+    /// pod is its owner.
+    fn deployment_of_new_replica_set(
+        &self,
+        ns: &str,
+        rs: &str,
+        pod: &ObjectMeta,
+    ) -> Option<String> {
+        let hash = pod.labels.as_ref()?.get("pod-template-hash")?;
+        let name = rs.strip_suffix(hash.as_str())?.strip_suffix('-')?;
+        let deployment = get(&self.deployments, ns, name)?;
+        let selector = &deployment.spec.as_ref()?.selector;
+        crate::workload::selector_matches(selector, pod.labels.as_ref()).then(|| name.to_owned())
     }
 
     /// Whether `binding` selects any of a pod's owners, and if so the nearest
@@ -1172,6 +1205,60 @@ mod tests {
                      "capacity": {"maxConnections": 100, "reservedConnections": 0}}
         }))
         .expect("an instance")
+    }
+
+    fn pod_of(rs: &str, labels: serde_json::Value) -> ObjectMeta {
+        serde_json::from_value(json!({
+            "name": format!("{rs}-x1"), "namespace": "shop", "labels": labels,
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs,
+                                 "uid": "u", "controller": true}]
+        }))
+        .expect("pod metadata")
+    }
+
+    #[test]
+    fn a_pod_of_a_replica_set_not_cached_yet_is_owned_by_its_deployment() {
+        let (stores, mut w) = Stores::for_tests();
+        w.deployments
+            .apply_watcher_event(&watcher::Event::Apply(deployment("api", 1)));
+        let kinds = |owners: Vec<PodOwner>| -> Vec<(WorkloadKind, String)> {
+            owners.into_iter().map(|o| (o.kind, o.name)).collect()
+        };
+        // The ReplicaSet api-7c9d is not in the cache: its name and the pod's
+        // pod-template-hash lead to the Deployment.
+        let pod = pod_of(
+            "api-7c9d",
+            json!({"app": "api", "pod-template-hash": "7c9d"}),
+        );
+        assert_eq!(
+            kinds(stores.pod_owners("shop", &pod)),
+            vec![
+                (WorkloadKind::Pod, "api-7c9d-x1".to_owned()),
+                (WorkloadKind::ReplicaSet, "api-7c9d".to_owned()),
+                (WorkloadKind::Deployment, "api".to_owned()),
+            ]
+        );
+        // No hash label, another hash, or a pod the Deployment does not
+        // select: only the ReplicaSet, as before.
+        for pod in [
+            pod_of("api-7c9d", json!({"app": "api"})),
+            pod_of(
+                "api-7c9d",
+                json!({"app": "api", "pod-template-hash": "other"}),
+            ),
+            pod_of(
+                "api-7c9d",
+                json!({"app": "web", "pod-template-hash": "7c9d"}),
+            ),
+        ] {
+            assert_eq!(
+                kinds(stores.pod_owners("shop", &pod)),
+                vec![
+                    (WorkloadKind::Pod, "api-7c9d-x1".to_owned()),
+                    (WorkloadKind::ReplicaSet, "api-7c9d".to_owned()),
+                ]
+            );
+        }
     }
 
     #[test]

@@ -125,7 +125,12 @@ impl Scenario {
         what: &str,
         check: impl Fn(&[(String, i64, i64, Option<i64>)]) -> bool,
     ) -> Vec<(String, i64, i64, Option<i64>)> {
+        // Settled: the same grants, all Ready, injected and passing `check`,
+        // for 2 s. While the budget moves, each binding's status is written by
+        // its own reconcile, so one read can mix a binding's old grant with
+        // the others' new ones.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        let mut since = None::<(Vec<Grants>, tokio::time::Instant)>;
         loop {
             let grants = self.grants().await;
             let mut all_ready = true;
@@ -134,7 +139,16 @@ impl Scenario {
             }
             let injected = grants.iter().all(|(_, g, _, env)| Some(*g) == *env);
             if all_ready && injected && check(&grants) {
-                return grants;
+                match &since {
+                    Some((seen, at)) if *seen == grants => {
+                        if at.elapsed() >= Duration::from_secs(2) {
+                            return grants;
+                        }
+                    }
+                    _ => since = Some((grants.clone(), tokio::time::Instant::now())),
+                }
+            } else {
+                since = None;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -144,6 +158,9 @@ impl Scenario {
         }
     }
 }
+
+/// One binding's (name, granted per pod, max pods, injected DB_POOL_MAX_CONNS).
+type Grants = (String, i64, i64, Option<i64>);
 
 fn total(grants: &[(String, i64, i64, Option<i64>)]) -> i64 {
     grants.iter().map(|(_, g, pods, _)| g * pods).sum()
