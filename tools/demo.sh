@@ -250,8 +250,10 @@ expected="$(cat "$repo"/examples/*.yaml | grep -c '^kind: CloudSqlBinding$')"
 say "waiting for the $expected bindings to be Ready"
 deadline=$((SECONDS + 90))
 while :; do
+  # The examples' bindings (an earlier run's orders-live is not one of them).
   ready="$(kubectl get sqlbindings -n "$app_ns" \
-    -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c '^True$' || true)"
+    -o jsonpath='{range .items[*]}{.metadata.name} {.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' \
+    | grep -v '^orders-live ' | grep -c ' True$' || true)"
   ((ready == expected)) && break
   if ((SECONDS >= deadline)); then
     kubectl get sqlbindings -n "$app_ns" >&2 || true
@@ -301,7 +303,8 @@ if $node; then
   say "starting Google's side for $connection: the fixtures of e2e/ and PostgreSQL (log $logs/google.log)"
   stop_google
   proxy_bin="$(bash "$here/build-proxy.sh")" || fail "building the Cloud SQL Auth Proxy failed (tools/build-proxy.sh)"
-  rm -f "$state/google.env"
+  # A fresh database each run (the previous one stopped with its process).
+  rm -rf "$state/google.env" "$state/google"
   (cd "$repo/e2e/node" && go build -o "$state/google-fixtures" ./cmd/google) >"$logs/google.log" 2>&1 \
     || { tail -20 "$logs/google.log" >&2; fail "building e2e/node/cmd/google failed; see $logs/google.log"; }
   (cd "$repo/e2e/node" && exec setsid "$state/google-fixtures" -repo "$repo" -cluster-dir "$state" -dir "$state/google" \
@@ -318,6 +321,8 @@ if $node; then
   source "$state/google.env"
 
   say "running the GORM app (e2e/datapath/cmd/gormapp) as Deployment $app_ns/orders-live, bound to instance orders"
+  # Each run rolls a new pod (this run's label), against this run's fixtures.
+  run="$(date +%s)"
   kubectl apply --server-side --force-conflicts --field-manager=demo-user -n "$app_ns" -f - >/dev/null <<MANIFEST
 apiVersion: cloudsql.dev/v1alpha1
 kind: CloudSqlBinding
@@ -343,7 +348,7 @@ spec:
     matchLabels: { app: orders-live }
   template:
     metadata:
-      labels: { app: orders-live }
+      labels: { app: orders-live, demo-run: "$run" }
     spec:
       securityContext:
         runAsNonRoot: true
@@ -360,10 +365,11 @@ spec:
             capabilities: { drop: [ALL] }
 MANIFEST
   deadline=$((SECONDS + 180))
-  until kubectl logs -n "$app_ns" deployment/orders-live -c app 2>/dev/null | grep -q '^gormapp: serving'; do
+  live="app=orders-live,demo-run=$run"
+  until kubectl logs -n "$app_ns" -l "$live" -c app 2>/dev/null | grep -q '^gormapp: serving'; do
     if ((SECONDS >= deadline)); then
-      kubectl get pods -n "$app_ns" -l app=orders-live -o wide >&2 || true
-      kubectl logs -n "$app_ns" deployment/orders-live --all-containers --tail=20 >&2 || true
+      kubectl get pods -n "$app_ns" -l "$live" -o wide >&2 || true
+      kubectl logs -n "$app_ns" -l "$live" --all-containers --tail=20 >&2 || true
       fail "the GORM app did not get through its queries within 180s (kubectl describe pods -n $app_ns -l app=orders-live)"
     fi
     sleep 1
@@ -372,12 +378,12 @@ MANIFEST
   echo "\$ kubectl get pods -n $operator_ns -o wide"
   kubectl get pods -n "$operator_ns" -o wide
   echo
-  echo "\$ kubectl get pods -n $app_ns -l app=orders-live -o wide"
-  kubectl get pods -n "$app_ns" -l app=orders-live -o wide
+  echo "\$ kubectl get pods -n $app_ns -l $live -o wide"
+  kubectl get pods -n "$app_ns" -l "$live" -o wide
   echo "(the examples' own pods stay in ErrImagePull: their images, example.com/..., are placeholders)"
   echo
-  echo "\$ kubectl logs -n $app_ns deployment/orders-live -c app"
-  kubectl logs -n "$app_ns" deployment/orders-live -c app
+  echo "\$ kubectl logs -n $app_ns -l $live -c app"
+  kubectl logs -n "$app_ns" -l "$live" -c app
   echo
   say "done in $((SECONDS - started))s. The operator runs in pods (kubectl logs -n $operator_ns -l app.kubernetes.io/instance=$release); Google's side is pid $(cat "$google_pidfile"), log $logs/google.log."
   say "try: KUBECONFIG=$KUBECONFIG kubectl describe sqlbinding -n $app_ns orders-live; stop everything with: make demo-down"
