@@ -212,7 +212,18 @@ func TestGormAppRunsInAPodThroughTheNativeProxySidecar(t *testing.T) {
 		t.Errorf("the app did not find the proxy's socket when it started: %q", startLine)
 	}
 	if as.RestartCount != 0 {
-		t.Errorf("the app restarted %d times", as.RestartCount)
+		var last string
+		if term := as.LastTerminationState.Terminated; term != nil {
+			last = fmt.Sprintf("exit %d (%s) at %s", term.ExitCode, term.Reason, term.FinishedAt.Format(time.TimeOnly))
+		}
+		previous, err := s.Cluster.Kube.CoreV1().Pods(ns).GetLogs(pod.Name,
+			&corev1.PodLogOptions{Container: "app", Previous: true}).DoRaw(context.Background())
+		if err != nil {
+			previous = []byte(err.Error())
+		}
+		proxyLog, _ := s.Cluster.Logs(context.Background(), pod, ProxyContainer, 20)
+		t.Errorf("the app restarted %d times; its last run: %s; its log:\n%s\nthe proxy's log:\n%s",
+			as.RestartCount, last, indent(string(previous)), indent(proxyLog))
 	}
 	t.Logf("proxy started at %s (startup probe passed), app at %s; app: %q",
 		proxyAt.Format(time.TimeOnly), appAt.Format(time.TimeOnly), startLine)

@@ -41,6 +41,12 @@ func (s *Suite) waitPod(t *testing.T, ns, selector, what string, timeout time.Du
 			if p.DeletionTimestamp != nil {
 				continue
 			}
+			// The scenarios tell a pod's traffic at the fixtures by its IP: the
+			// kubelet may report the IP after the app has already logged.
+			if p.Status.PodIP == "" {
+				states = append(states, p.Name+": no pod IP reported yet")
+				continue
+			}
 			done, state := ok(p)
 			if done {
 				found = p

@@ -143,7 +143,17 @@ func run(o options) error {
 	// The first query, made once without a retry: with a native sidecar the socket
 	// is there before the app starts.
 	firstStart := time.Now()
-	if err := db.AutoMigrate(&Order{}); err != nil {
+	// Pods of one Deployment may start together (a rollout's old and new pod):
+	// PostgreSQL's CREATE TABLE IF NOT EXISTS is not safe against a concurrent
+	// one, so the migration holds a transaction-scoped advisory lock, as
+	// migration tools do.
+	migrate := func(tx *gorm.DB) error {
+		if err := tx.Exec("SELECT pg_advisory_xact_lock(7246)").Error; err != nil {
+			return err
+		}
+		return tx.AutoMigrate(&Order{})
+	}
+	if err := db.Transaction(migrate); err != nil {
 		return fmt.Errorf("migrate (the first query): %w", err)
 	}
 	if o.startupReport {
