@@ -206,12 +206,12 @@ func setUp(t *testing.T) (*Suite, error) {
 		if _, err := s.Apply.Apply(ctx, objs[0]); err != nil {
 			return err
 		}
-		return poll(ctx, time.Minute, func() (bool, string, error) {
+		return Poll(ctx, time.Minute, 250*time.Millisecond, func() (bool, string, error) {
 			got, err := s.Apply.Get(ctx, objs[0])
 			if err != nil {
 				return false, "", err
 			}
-			st := conditionStatus(got, "Ready")
+			st := ConditionStatus(got, "Ready")
 			return st == "True", "Ready=" + st, nil
 		})
 	}); err != nil {
@@ -341,49 +341,7 @@ func (s *Suite) teardown() {
 	_ = os.RemoveAll(s.Dir)
 }
 
-// poll calls cond every 250 ms until it is done, fails for good (a *stopError)
-// or timeout passes; the timeout error names the last state seen.
-func poll(ctx context.Context, timeout time.Duration, cond func() (done bool, state string, err error)) error {
-	deadline := time.Now().Add(timeout)
-	var state string
-	var lastErr error
-	for {
-		done, st, err := cond()
-		var stop *stopError
-		if errors.As(err, &stop) {
-			return stop.err
-		}
-		if err == nil && done {
-			return nil
-		}
-		if st != "" {
-			state = st
-		}
-		lastErr = err
-		if time.Now().After(deadline) {
-			msg := fmt.Sprintf("not done after %s", timeout)
-			if state != "" {
-				msg += "; last seen: " + state
-			}
-			if lastErr != nil {
-				msg += fmt.Sprintf("; last error: %v", lastErr)
-			}
-			return errors.New(msg)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(250 * time.Millisecond):
-		}
-	}
-}
-
-// stopError ends a poll at once: waiting longer cannot help.
-type stopError struct{ err error }
-
-func (e *stopError) Error() string { return e.err.Error() }
-
-func stop(format string, args ...any) error { return &stopError{fmt.Errorf(format, args...)} }
+func stop(format string, args ...any) error { return Stop(fmt.Errorf(format, args...)) }
 
 // waitFor polls cond for up to timeout; on failure it fails the test with what was
 // waited for, the last state, and the report of the namespace's pods (states,
@@ -391,7 +349,7 @@ func stop(format string, args ...any) error { return &stopError{fmt.Errorf(forma
 func (s *Suite) waitFor(t *testing.T, what string, timeout time.Duration, ns, selector string, cond func() (bool, string, error)) {
 	t.Helper()
 	start := time.Now()
-	if err := poll(context.Background(), timeout, cond); err != nil {
+	if err := Poll(context.Background(), timeout, 250*time.Millisecond, cond); err != nil {
 		t.Fatalf("waiting for %s: %v\n%s", what, err, s.Cluster.Report(context.Background(), ns, selector))
 	}
 	t.Logf("%s (%.1fs)", what, time.Since(start).Seconds())
@@ -436,7 +394,7 @@ func (s *Suite) waitBindingReconciled(t *testing.T, b *unstructured.Unstructured
 		}
 		observed, _, _ := unstructured.NestedInt64(got.Object, "status", "observedGeneration")
 		granted, _, _ := unstructured.NestedInt64(got.Object, "status", "pool", "grantedPerPod")
-		resolved := conditionStatus(got, "InstanceResolved")
+		resolved := ConditionStatus(got, "InstanceResolved")
 		state := fmt.Sprintf("generation %d observed %d, InstanceResolved=%s, grantedPerPod=%d, conditions %s",
 			got.GetGeneration(), observed, resolved, granted, conditionsString(got))
 		return observed == got.GetGeneration() && resolved == "True" && granted > 0, state, nil
@@ -458,18 +416,6 @@ func (s *Suite) Granted(t *testing.T, ns, name string) int64 {
 	return g
 }
 
-func conditionStatus(o *unstructured.Unstructured, typ string) string {
-	conds, _, _ := unstructured.NestedSlice(o.Object, "status", "conditions")
-	for _, c := range conds {
-		m, _ := c.(map[string]any)
-		if m["type"] == typ {
-			st, _ := m["status"].(string)
-			return st
-		}
-	}
-	return "absent"
-}
-
 func conditionsString(o *unstructured.Unstructured) string {
 	conds, _, _ := unstructured.NestedSlice(o.Object, "status", "conditions")
 	var parts []string
@@ -483,7 +429,7 @@ func conditionsString(o *unstructured.Unstructured) string {
 // waitOperatorRolledOut waits until the operator's Deployment has rolled out: all
 // replicas updated, Ready and available, no old pod left.
 func (s *Suite) waitOperatorRolledOut(ctx context.Context, timeout time.Duration) error {
-	err := poll(ctx, timeout, func() (bool, string, error) {
+	err := Poll(ctx, timeout, 250*time.Millisecond, func() (bool, string, error) {
 		d, err := s.Cluster.Kube.AppsV1().Deployments(s.ReleaseNS).Get(ctx, ReleaseName, metav1.GetOptions{})
 		if err != nil {
 			return false, "", err

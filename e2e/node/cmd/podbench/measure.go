@@ -8,7 +8,6 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"regexp"
 	"strconv"
@@ -112,7 +111,7 @@ func (b *bench) sample(ctx context.Context, m *Mode, i int, timeout time.Duratio
 
 	var line string
 	var at time.Time
-	err = poll(ctx, timeout, func() (bool, string, error) {
+	err = node.Poll(ctx, timeout, 200*time.Millisecond, func() (bool, string, error) {
 		p, err := pods.Get(ctx, s.Pod, metav1.GetOptions{})
 		if err != nil {
 			return false, "", err
@@ -123,7 +122,7 @@ func (b *bench) sample(ctx context.Context, m *Mode, i int, timeout time.Duratio
 			return false, "app not started: " + podState(p), nil
 		case st.RestartCount > 0 || st.State.Terminated != nil:
 			logs, _ := b.cluster.Logs(ctx, p, appContainer, 5)
-			return false, "", stop(fmt.Errorf("the app exited before its first query (restarts %d): %s", st.RestartCount, strings.TrimSpace(logs)))
+			return false, "", node.Stop(fmt.Errorf("the app exited before its first query (restarts %d): %s", st.RestartCount, strings.TrimSpace(logs)))
 		}
 		at, line, err = b.timestampedLine(ctx, m.Namespace, s.Pod, appContainer, m.FirstQueryLine)
 		if err != nil {
@@ -224,7 +223,7 @@ func (b *bench) readMemory(ctx context.Context, samples []Sample, idleFrom time.
 	path := "/api/v1/nodes/" + node.NodeName + "/proxy/stats/summary"
 	var missing []string
 	var readAt time.Time
-	err := poll(ctx, 2*time.Minute, func() (bool, string, error) {
+	err := node.Poll(ctx, 2*time.Minute, 200*time.Millisecond, func() (bool, string, error) {
 		raw, err := b.cluster.Kube.CoreV1().RESTClient().Get().AbsPath(path).DoRaw(ctx)
 		if err != nil {
 			return false, "", err
@@ -232,7 +231,7 @@ func (b *bench) readMemory(ctx context.Context, samples []Sample, idleFrom time.
 		readAt = time.Now().UTC()
 		var sum statsSummary
 		if err := json.Unmarshal(raw, &sum); err != nil {
-			return false, "", stop(fmt.Errorf("%s: %w", path, err))
+			return false, "", node.Stop(fmt.Errorf("%s: %w", path, err))
 		}
 		byPod := map[string]*PodMemory{}
 		for _, p := range sum.Pods {
@@ -326,47 +325,3 @@ func podState(p *corev1.Pod) string {
 func fromUnstructured(u *unstructured.Unstructured, into any) error {
 	return runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, into)
 }
-
-// poll calls cond every 200 ms until it is done, fails for good (stop) or timeout
-// passes; the timeout error names the last state seen.
-func poll(ctx context.Context, timeout time.Duration, cond func() (bool, string, error)) error {
-	deadline := time.Now().Add(timeout)
-	var state string
-	var lastErr error
-	for {
-		done, st, err := cond()
-		var s *stopError
-		if errors.As(err, &s) {
-			return s.err
-		}
-		if err == nil && done {
-			return nil
-		}
-		if st != "" {
-			state = st
-		}
-		lastErr = err
-		if time.Now().After(deadline) {
-			msg := fmt.Sprintf("not done after %s", timeout)
-			if state != "" {
-				msg += "; last seen: " + state
-			}
-			if lastErr != nil {
-				msg += fmt.Sprintf("; last error: %v", lastErr)
-			}
-			return errors.New(msg)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
-}
-
-// stopError ends a poll at once: waiting longer cannot help.
-type stopError struct{ err error }
-
-func (e *stopError) Error() string { return e.err.Error() }
-
-func stop(err error) error { return &stopError{err} }

@@ -226,12 +226,12 @@ func setUp(ctx context.Context, c config, r *Result) (*bench, error) {
 		if _, err := b.apply.Apply(ctx, obj); err != nil {
 			return err
 		}
-		return poll(ctx, time.Minute, func() (bool, string, error) {
+		return node.Poll(ctx, time.Minute, 200*time.Millisecond, func() (bool, string, error) {
 			got, err := b.apply.Get(ctx, obj)
 			if err != nil {
 				return false, "", err
 			}
-			st := condition(got, "Ready")
+			st := node.ConditionStatus(got, "Ready")
 			return st == "True", "Ready=" + st, nil
 		})
 	}); err != nil {
@@ -268,7 +268,7 @@ func (b *bench) bind(ctx context.Context, m *Mode) error {
 	if err != nil {
 		return err
 	}
-	if err := poll(ctx, time.Minute, func() (bool, string, error) {
+	if err := node.Poll(ctx, time.Minute, 200*time.Millisecond, func() (bool, string, error) {
 		got, err := b.apply.Get(ctx, applied)
 		if err != nil {
 			return false, "", err
@@ -276,16 +276,16 @@ func (b *bench) bind(ctx context.Context, m *Mode) error {
 		observed, _, _ := unstructured.NestedInt64(got.Object, "status", "observedGeneration")
 		granted, _, _ := unstructured.NestedInt64(got.Object, "status", "pool", "grantedPerPod")
 		m.GrantedPerPod = granted
-		resolved := condition(got, "InstanceResolved")
+		resolved := node.ConditionStatus(got, "InstanceResolved")
 		return observed == got.GetGeneration() && resolved == "True" && granted > 0,
 			fmt.Sprintf("observedGeneration %d of %d, InstanceResolved=%s, grantedPerPod=%d", observed, got.GetGeneration(), resolved, granted), nil
 	}); err != nil {
 		return fmt.Errorf("binding %s/%s: %w", m.Namespace, applied.GetName(), err)
 	}
-	return poll(ctx, time.Minute, func() (bool, string, error) {
+	return node.Poll(ctx, time.Minute, 200*time.Millisecond, func() (bool, string, error) {
 		pod, err := b.pod(m, "dry-run")
 		if err != nil {
-			return false, "", stop(err)
+			return false, "", node.Stop(err)
 		}
 		got, err := b.cluster.Kube.CoreV1().Pods(m.Namespace).Create(ctx, pod, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
 		if err != nil {
@@ -366,7 +366,7 @@ func (b *bench) removeEarlierRuns(ctx context.Context) error {
 			return err
 		}
 	}
-	return poll(ctx, 3*time.Minute, func() (bool, string, error) {
+	return node.Poll(ctx, 3*time.Minute, 200*time.Millisecond, func() (bool, string, error) {
 		left, err := b.cluster.Kube.CoreV1().Namespaces().List(ctx, sel)
 		if err != nil {
 			return false, "", err
@@ -411,7 +411,7 @@ func (b *bench) tearDown(keep bool) {
 // waitDeployment waits until a Deployment has rolled out: every replica updated,
 // Ready and available.
 func (b *bench) waitDeployment(ctx context.Context, ns, name string, timeout time.Duration) error {
-	err := poll(ctx, timeout, func() (bool, string, error) {
+	err := node.Poll(ctx, timeout, 200*time.Millisecond, func() (bool, string, error) {
 		d, err := b.cluster.Kube.AppsV1().Deployments(ns).Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return false, "", err
@@ -437,18 +437,6 @@ func notReady(n *corev1.Node) string {
 		}
 	}
 	return "no Ready condition yet"
-}
-
-func condition(o *unstructured.Unstructured, typ string) string {
-	conds, _, _ := unstructured.NestedSlice(o.Object, "status", "conditions")
-	for _, c := range conds {
-		m, _ := c.(map[string]any)
-		if m["type"] == typ {
-			st, _ := m["status"].(string)
-			return st
-		}
-	}
-	return "absent"
 }
 
 // machine describes where the figures were taken: this machine and the node.
