@@ -30,14 +30,8 @@ log="$cache_root/build.log"
 
 export CGO_ENABLED=0 GOFLAGS=-mod=mod
 
-kube_major="${KUBE_VERSION#v}"; kube_major="${kube_major%%.*}"
-kube_minor="${KUBE_VERSION#v*.}"; kube_minor="${kube_minor%%.*}"
-build_date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-ldflags="-s -w"
-for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-  ldflags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=$kube_major -X $pkg.gitMinor=$kube_minor"
-  ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$build_date -X $pkg.gitCommit=release-$KUBE_VERSION"
-done
+# shellcheck source=kube-ldflags.sh
+source "$here/kube-ldflags.sh"
 
 build() { # dir output package [ldflags]
   local dir="$1" out="$2" pkg="$3" flags="${4:-}"
@@ -50,8 +44,8 @@ build() { # dir output package [ldflags]
 }
 
 build controlplane etcd go.etcd.io/etcd/server/v3 "-s -w"
-build controlplane kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$ldflags"
-build controlplane kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$ldflags"
+build controlplane kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$kube_ldflags"
+build controlplane kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$kube_ldflags"
 build helm helm helm.sh/helm/v4/cmd/helm "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION"
 
 mv "$tmp"/etcd "$tmp"/kube-apiserver "$tmp"/kube-controller-manager "$tmp"/helm "$bin/"

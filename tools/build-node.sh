@@ -32,14 +32,8 @@ log="$cache_root/build-node.log"
 
 export CGO_ENABLED=0 GOFLAGS=-mod=mod
 
-kube_major="${KUBE_VERSION#v}"; kube_major="${kube_major%%.*}"
-kube_minor="${KUBE_VERSION#v*.}"; kube_minor="${kube_minor%%.*}"
-build_date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-ldflags="-s -w"
-for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-  ldflags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=$kube_major -X $pkg.gitMinor=$kube_minor"
-  ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$build_date -X $pkg.gitCommit=release-$KUBE_VERSION"
-done
+# shellcheck source=kube-ldflags.sh
+source "$here/kube-ldflags.sh"
 
 for cmd in kubelet kube-scheduler; do
   if [[ -x "$bin/$cmd" && -f "$stamp" ]]; then
@@ -47,7 +41,7 @@ for cmd in kubelet kube-scheduler; do
     continue
   fi
   echo "build-node: building $cmd (k8s.io/kubernetes/cmd/$cmd $KUBE_VERSION)" >&2
-  if ! (cd "$here/controlplane" && go build -trimpath -ldflags "$ldflags" -o "$tmp/$cmd" "k8s.io/kubernetes/cmd/$cmd") >>"$log" 2>&1; then
+  if ! (cd "$here/controlplane" && go build -trimpath -ldflags "$kube_ldflags" -o "$tmp/$cmd" "k8s.io/kubernetes/cmd/$cmd") >>"$log" 2>&1; then
     echo "build-node: building $cmd failed; see $log" >&2
     tail -20 "$log" >&2
     exit 1
